@@ -1,0 +1,335 @@
+"""Reading and writing checkpoints: the transformers format (Blip2ForConditionalGeneration,
+Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration directories).
+
+Conversion is a declarative key map (ours <-> transformers) with strict key and shape checks; the model code
+never imports this module. Weight files: single or sharded safetensors, legacy `.bin` (loaded with
+weights_only=True). Tied weights may be absent from the file or present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import Blip2Config, ConfigError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, corrupt, or does not match the model."""
+
+
+# ------------------------------------------------------------------------------------------------- key map
+# (our key pattern, transformers key pattern). {n} = a layer index. Order matters only for readability.
+_VISION = [
+    ("vision.patch_embed.{p}", "vision_model.embeddings.patch_embedding.{p}"),
+    ("vision.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("vision.blocks.{n}.norm1.{p}", "vision_model.encoder.layers.{n}.layer_norm1.{p}"),
+    ("vision.blocks.{n}.attn.qkv.weight", "vision_model.encoder.layers.{n}.self_attn.qkv.weight"),
+    # q_bias / v_bias <-> qkv.bias = cat(q_bias, 0, v_bias): handled as a fused pair below
+    ("vision.blocks.{n}.attn.proj.{p}", "vision_model.encoder.layers.{n}.self_attn.projection.{p}"),
+    ("vision.blocks.{n}.norm2.{p}", "vision_model.encoder.layers.{n}.layer_norm2.{p}"),
+    ("vision.blocks.{n}.mlp.fc1.{p}", "vision_model.encoder.layers.{n}.mlp.fc1.{p}"),
+    ("vision.blocks.{n}.mlp.fc2.{p}", "vision_model.encoder.layers.{n}.mlp.fc2.{p}"),
+    ("ln_vision.{p}", "vision_model.post_layernorm.{p}"),
+]
+_QFORMER_LAYERS = [
+    ("qformer.layers.{n}.attention.query.{p}", "qformer.encoder.layer.{n}.attention.attention.query.{p}"),
+    ("qformer.layers.{n}.attention.key.{p}", "qformer.encoder.layer.{n}.attention.attention.key.{p}"),
+    ("qformer.layers.{n}.attention.value.{p}", "qformer.encoder.layer.{n}.attention.attention.value.{p}"),
+    ("qformer.layers.{n}.attention.out.{p}", "qformer.encoder.layer.{n}.attention.output.dense.{p}"),
+    ("qformer.layers.{n}.attention.norm.{p}", "qformer.encoder.layer.{n}.attention.output.LayerNorm.{p}"),
+    ("qformer.layers.{n}.crossattention.query.{p}", "qformer.encoder.layer.{n}.crossattention.attention.query.{p}"),
+    ("qformer.layers.{n}.crossattention.key.{p}", "qformer.encoder.layer.{n}.crossattention.attention.key.{p}"),
+    ("qformer.layers.{n}.crossattention.value.{p}", "qformer.encoder.layer.{n}.crossattention.attention.value.{p}"),
+    ("qformer.layers.{n}.crossattention.out.{p}", "qformer.encoder.layer.{n}.crossattention.output.dense.{p}"),
+    ("qformer.layers.{n}.crossattention.norm.{p}", "qformer.encoder.layer.{n}.crossattention.output.LayerNorm.{p}"),
+    ("qformer.layers.{n}.ffn_query.fc1.{p}", "qformer.encoder.layer.{n}.intermediate_query.dense.{p}"),
+    ("qformer.layers.{n}.ffn_query.fc2.{p}", "qformer.encoder.layer.{n}.output_query.dense.{p}"),
+    ("qformer.layers.{n}.ffn_query.norm.{p}", "qformer.encoder.layer.{n}.output_query.LayerNorm.{p}"),
+    ("qformer.layers.{n}.ffn_text.fc1.{p}", "qformer.encoder.layer.{n}.intermediate.dense.{p}"),
+    ("qformer.layers.{n}.ffn_text.fc2.{p}", "qformer.encoder.layer.{n}.output.dense.{p}"),
+    ("qformer.layers.{n}.ffn_text.norm.{p}", "qformer.encoder.layer.{n}.output.LayerNorm.{p}"),
+]
+_COMMON = [("qformer.query_tokens", "query_tokens"), ("language_projection.{p}", "language_projection.{p}"),
+           ("llm.{rest}", "language_model.{rest}")]
+_EMBED_BLIP2 = [("qformer.embeddings.layernorm.{p}", "qformer.layernorm.{p}")]
+_EMBED_INSTRUCT = [
+    ("qformer.embeddings.word_embeddings.{p}", "qformer.embeddings.word_embeddings.{p}"),
+    ("qformer.embeddings.position_embeddings.{p}", "qformer.embeddings.position_embeddings.{p}"),
+    ("qformer.embeddings.layernorm.{p}", "qformer.embeddings.layernorm.{p}"),
+]
+_EMBED_RETRIEVAL = [
+    ("qformer.embeddings.word_embeddings.{p}", "embeddings.word_embeddings.{p}"),
+    ("qformer.embeddings.position_embeddings.{p}", "embeddings.position_embeddings.{p}"),
+    ("qformer.embeddings.layernorm.{p}", "qformer.layernorm.{p}"),
+    ("vision_proj.{p}", "vision_projection.{p}"),
+    ("text_proj.{p}", "text_projection.{p}"),
+    ("itm_head.{p}", "itm_head.{p}"),
+]
+KEY_MAPS = {
+    "blip2": _VISION + _QFORMER_LAYERS + _COMMON + _EMBED_BLIP2,
+    "instructblip": _VISION + _QFORMER_LAYERS + _COMMON + _EMBED_INSTRUCT,
+    "blip2-retrieval": _VISION + _QFORMER_LAYERS + _COMMON + _EMBED_RETRIEVAL,
+}
+# our keys that transformers does not store (defaults are kept)
+NOT_IN_HF = {"temp"}
+
+_QKV_BIAS = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
+
+
+def _compile(pattern: str) -> re.Pattern:
+    rx = re.escape(pattern)
+    rx = rx.replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)").replace(r"\{rest\}", r"(?P<rest>.+)")
+    return re.compile("^" + rx + "$")
+
+
+def _translate(key: str, rules: list[tuple[str, str]], forward: bool) -> str | None:
+    for ours, theirs in rules:
+        src, dst = (theirs, ours) if forward else (ours, theirs)
+        m = _compile(src).match(key)
+        if m:
+            return dst.format(**m.groupdict())
+    return None
+
+
+def hf_to_ours(state: dict[str, torch.Tensor], architecture: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Translate a transformers state dict. Returns (our state dict, keys nothing maps)."""
+    rules = KEY_MAPS[architecture]
+    out, unknown = {}, []
+    for k, v in state.items():
+        m = _QKV_BIAS.match(k)
+        if m:
+            D = v.shape[0] // 3
+            n = m.group(1)
+            if v[D:2 * D].abs().max() > 0:
+                raise CheckpointError(f"{k}: the key bias slice is not zero; this ViT has biases on q and v only")
+            out[f"vision.blocks.{n}.attn.q_bias"] = v[:D]
+            out[f"vision.blocks.{n}.attn.v_bias"] = v[2 * D:]
+            continue
+        if k.endswith("position_ids"):  # non-persistent buffers some writers store
+            continue
+        ours = _translate(k, rules, forward=True)
+        if ours is None:
+            unknown.append(k)
+        else:
+            out[ours] = v
+    return out, unknown
+
+
+def ours_to_hf(state: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
+    rules = KEY_MAPS[architecture]
+    out = {}
+    for k, v in state.items():
+        if k in NOT_IN_HF or k.endswith(".attn.v_bias"):
+            continue
+        if k.endswith(".attn.q_bias"):
+            n = k.split(".")[2]
+            v_bias = state[f"vision.blocks.{n}.attn.v_bias"]
+            out[f"vision_model.encoder.layers.{n}.self_attn.qkv.bias"] = torch.cat([v, torch.zeros_like(v), v_bias])
+            continue
+        theirs = _translate(k, rules, forward=False)
+        if theirs is None:
+            raise CheckpointError(f"no transformers name for parameter {k!r} (architecture {architecture})")
+        out[theirs] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ files
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"weight file {path} is missing")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors / pickle errors: one line naming the file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"weight file {path} is corrupt or truncated ({type(e).__name__}: {msg})") from None
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers checkpoint directory (single file or sharded with an index)."""
+    d = Path(directory)
+    for name in INDEX_FILES:
+        idx = d / name
+        if idx.is_file():
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+            except Exception as e:
+                raise CheckpointError(f"{idx}: not a valid index file ({e})") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (d / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{d}: shard(s) {missing} listed in {name} are missing")
+            state = {}
+            for s in shards:
+                state.update(_read_file(d / s))
+            return state
+    for name in WEIGHT_FILES:
+        if (d / name).is_file():
+            return _read_file(d / name)
+    raise CheckpointError(f"{d}: no weights found (expected one of {list(WEIGHT_FILES + INDEX_FILES)})")
+
+
+def read_config(directory: str | Path) -> Blip2Config:
+    p = Path(directory) / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"{directory}: no config.json (is this a transformers checkpoint directory?)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+    return Blip2Config.from_hf(d, where=str(p))
+
+
+# ------------------------------------------------------------------------------------------- state dict
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """name -> all names of the same tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        by_id.setdefault(id(t), []).append(n)
+    return {n: names for names in by_id.values() for n in names}
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, allow_missing=()) -> None:
+    """Copy `state` (our names) into `model`, strictly: every parameter must be given (tied aliases count)
+    with the right shape; extra keys are errors."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(dict(model.named_buffers(remove_duplicate=False)))
+    persistent = set(model.state_dict().keys())
+    aliases = _aliases(model)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = [f"{k}: file {list(v.shape)} vs model {list(own[k].shape)}"
+                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = sorted(k for k in persistent if k not in state and not any(a in state for a in aliases.get(k, []))
+                     and k not in allow_missing)
+    if unexpected or mismatched or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatch {len(mismatched)}: {_short(mismatched)}")
+        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
+    with torch.no_grad():
+        for k, v in state.items():
+            t = own[k]
+            t.copy_(v.to(dtype=t.dtype) if t.is_floating_point() else v)
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ------------------------------------------------------------------------------------------------ load
+def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, device=None):
+    from transformers.initialization import no_init_weights
+
+    from .model import Blip2Model
+
+    d = Path(directory)
+    if not d.exists():
+        raise CheckpointError(f"{d}: no such checkpoint directory")
+    cfg = read_config(d)
+    state = read_weights(d)
+    ours, unknown = hf_to_ours(state, cfg.architecture)
+    if unknown:
+        raise CheckpointError(f"{d}: weights with no place in a {cfg.architecture} model: {_short(sorted(unknown))}")
+    with no_init_weights():  # every tensor is overwritten below; skip the random initialisation
+        model = Blip2Model(cfg)
+    if model.llm is not None:
+        model.llm.tie_weights()  # skipped with the initialisation above
+    load_into(model, ours, str(d), allow_missing=NOT_IN_HF)
+    model.processor = _processor(d)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _processor(d: Path):
+    try:
+        from .processing import Processor
+    except ImportError:
+        return None
+    return Processor.from_dir(d)
+
+
+# ------------------------------------------------------------------------------------------------ save
+def save_pretrained(model, path: str | Path, max_shard_size: int = 2 * 1024**3) -> None:
+    """Write config.json + safetensors (sharded above max_shard_size) + tokenizer files, atomically."""
+    from safetensors.torch import save_file
+
+    cfg: Blip2Config = model.cfg
+    try:
+        hf_cfg = cfg.to_hf()
+    except ConfigError as e:
+        raise CheckpointError(f"cannot write the transformers format: {e}") from None
+    state = model.state_dict()
+    # tied weights: write each tensor once, under its first name (transformers re-ties on load)
+    seen, unique = {}, {}
+    for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype) if v.device.type != "meta" else k
+        if key in seen:
+            continue
+        seen[key] = k
+        unique[k] = v
+    hf_state = {k: v.detach().contiguous().cpu() for k, v in ours_to_hf(unique, cfg.architecture).items()}
+    dtype = next(iter(hf_state.values())).dtype
+    hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        shards, cur, size = [], {}, 0
+        for k, v in hf_state.items():
+            n = v.numel() * v.element_size()
+            if cur and size + n > max_shard_size:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = v
+            size += n
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, sh in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(sh, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in sh})
+            total = sum(v.numel() * v.element_size() for v in hf_state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if model.processor is not None:
+            model.processor.save_pretrained(tmp)
+        if out.exists():
+            backup = out.with_name(out.name + ".old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out, backup)
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,83 @@
+"""Tiny random models built with transformers' own classes: the independent reference for parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
+QFORMER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, vocab_size=120,
+               max_position_embeddings=64, cross_attention_frequency=2)
+NUM_QUERY = 4
+IMAGE_TOKEN = 250  # placeholder id inside the LLM vocabularies below
+
+OPT = dict(model_type="opt", hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+           word_embed_proj_dim=48, vocab_size=256, max_position_embeddings=128, bos_token_id=2, eos_token_id=2,
+           pad_token_id=1)
+LLAMA_GQA = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+T5_UNTIED = dict(model_type="t5", d_model=48, d_kv=12, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 vocab_size=256, feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
+                 eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=True)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """transformers initialises many tensors to zeros/ones (biases, norms, query tokens, q/v biases); a parity
+    test must exercise them, so fill every floating tensor with random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("qkv.bias"):
+                D = p.shape[0] // 3
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p[D:2 * D] = 0  # the ViT has no k bias
+            elif "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def blip2_hf(text: dict | None = OPT, image_token: bool = True, seed: int = 0):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    cfg = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=dict(text),
+                      num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN if image_token else None)
+    torch.manual_seed(seed)
+    return _randomize(Blip2ForConditionalGeneration(cfg), seed).eval()
+
+
+def instructblip_hf(text: dict = LLAMA_GQA, seed: int = 0):
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    cfg = InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER, text_config=dict(text),
+                             num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    return _randomize(InstructBlipForConditionalGeneration(cfg), seed).eval()
+
+
+def retrieval_hf(seed: int = 0):
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    cfg = Blip2Config(vision_config=VISION, qformer_config={**QFORMER, "use_qformer_text_input": True},
+                      num_query_tokens=NUM_QUERY, image_text_hidden_size=16)
+    torch.manual_seed(seed)
+    return _randomize(Blip2ForImageTextRetrieval(cfg), seed).eval()
+
+
+def pixels(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def text_ids(batch: int, length: int, vocab: int, seed: int = 0, low: int = 3) -> torch.Tensor:
+    return torch.randint(low, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def with_placeholders(ids: torch.Tensor, mask: torch.Tensor | None = None, n: int = NUM_QUERY):
+    """transformers' processor layout: num_query_tokens image placeholders in front of the text."""
+    ph = torch.full((ids.shape[0], n), IMAGE_TOKEN, dtype=ids.dtype)
+    out = torch.cat([ph, ids], 1)
+    if mask is None:
+        return out, torch.ones_like(out)
+    return out, torch.cat([torch.ones_like(ph), mask], 1)
