@@ -14,6 +14,7 @@ Every function returns the directory as a `Path`.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,8 +247,10 @@ def random_pil(mode: str, size: int | tuple[int, int] = 32, seed: int = 0, trans
     """
     w, h = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    if mode == "I;16":
-        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    if mode.startswith("I;16"):
+        order = ">" if mode == "I;16B" else "<"
+        arr = rng.integers(0, 65536, (h, w)).astype(f"{order}u2")
+        img = Image.frombytes(mode, (w, h), arr.tobytes())
     elif mode == "I":
         img = Image.fromarray(rng.integers(-1000, 70000, (h, w), dtype=np.int32))
     elif mode == "F":
@@ -270,3 +273,35 @@ def random_pil(mode: str, size: int | tuple[int, int] = 32, seed: int = 0, trans
     if img.mode != mode:
         raise AssertionError(f"random_pil built mode {img.mode!r} instead of {mode!r}")
     return img
+
+
+# ---------------------------------------------------------------------------------------- references
+
+
+def _hide_broken_torchvision() -> None:
+    """Make an installed-but-unimportable torchvision look absent to transformers.
+
+    transformers' image utilities import torchvision whenever it is installed; a torchvision built for another
+    torch fails at import ("operator torchvision::nms does not exist"), which would break the PIL-backend image
+    processor that never needs it. A working torchvision is left alone.
+    """
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        sys.modules["torchvision"] = None  # find_spec() now reports it missing
+        from transformers.utils import import_utils
+
+        for name in ("is_torchvision_available", "is_torchvision_v2_available"):
+            fn = getattr(import_utils, name, None)
+            if hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+
+
+def hf_blip_image_processor(image_size: int = 224, **kwargs):
+    """transformers' BLIP image processor with the PIL backend: the reference for pixel parity tests."""
+    _hide_broken_torchvision()
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": image_size, "width": image_size}, **kwargs)

@@ -45,7 +45,19 @@ def blip2_hf(text: dict | None = OPT, image_token: bool = True, seed: int = 0):
     cfg = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=dict(text),
                       num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN if image_token else None)
     torch.manual_seed(seed)
-    return _randomize(Blip2ForConditionalGeneration(cfg), seed).eval()
+    return _untie_t5(_randomize(Blip2ForConditionalGeneration(cfg), seed)).eval()
+
+
+def _untie_t5(model):
+    """transformers 5 always ties T5's head to its embeddings when building from a config; Flan-T5 checkpoints
+    have a separate head. Give the reference model its own head so the untied path is exercised."""
+    lm = model.language_model
+    if lm.config.model_type == "t5":
+        g = torch.Generator().manual_seed(99)
+        lm.lm_head.weight = torch.nn.Parameter(torch.randn(lm.shared.weight.shape, generator=g) * 0.2)
+        model.all_tied_weights_keys.pop("language_model.lm_head.weight", None)
+        lm.all_tied_weights_keys.pop("lm_head.weight", None)
+    return model
 
 
 def instructblip_hf(text: dict = LLAMA_GQA, seed: int = 0):
@@ -54,7 +66,7 @@ def instructblip_hf(text: dict = LLAMA_GQA, seed: int = 0):
     cfg = InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER, text_config=dict(text),
                              num_query_tokens=NUM_QUERY, image_token_index=IMAGE_TOKEN)
     torch.manual_seed(seed)
-    return _randomize(InstructBlipForConditionalGeneration(cfg), seed).eval()
+    return _untie_t5(_randomize(InstructBlipForConditionalGeneration(cfg), seed)).eval()
 
 
 def retrieval_hf(seed: int = 0):

@@ -206,9 +206,27 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
     return {n: names for names in by_id.values() for n in names}
 
 
+def _untie_if_different(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A file may hold different values for names the model ties (Flan-T5's head vs its embeddings, while
+    transformers' T5 config always ties): give each such name its own parameter."""
+    for names in {id(v): v for v in _aliases(model).values()}.values():
+        given = [n for n in names if n in state]
+        if len(given) < 2:
+            continue
+        first = state[given[0]]
+        for n in given[1:]:
+            if state[n].shape == first.shape and torch.equal(state[n], first):
+                continue
+            mod_name, _, attr = n.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            old = getattr(mod, attr)
+            setattr(mod, attr, torch.nn.Parameter(torch.empty_like(old), requires_grad=old.requires_grad))
+
+
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, allow_missing=()) -> None:
     """Copy `state` (our names) into `model`, strictly: every parameter must be given (tied aliases count)
     with the right shape; extra keys are errors."""
+    _untie_if_different(model, state)
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers(remove_duplicate=False)))
     persistent = set(model.state_dict().keys())

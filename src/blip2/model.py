@@ -230,7 +230,8 @@ class Blip2Model(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {list(labels.shape)} must have the shape of the text input_ids "
                                  f"{list(input_ids.shape)}")
-            loss = causal_lm_loss(logits, labels)
+            # the last visual position predicts the first text token, as in LAVIS and transformers
+            loss = causal_lm_loss(out.logits[:, n_vis - 1:-1], labels)
         return Blip2Output(logits=logits, loss=loss, query_output=q, language_model_inputs=vis)
 
     # ---------------------------------------------------------------------------------------- generation
@@ -355,10 +356,10 @@ class Blip2Model(nn.Module):
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: logits[:, t] predicts labels[:, t+1]; -100 is ignored."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+    """Cross-entropy of already-aligned predictions: logits[:, t] predicts labels[:, t]; -100 is ignored."""
+    logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100)
 
 
 def _batch_len(images) -> int:

@@ -1,0 +1,156 @@
+"""The `blip2` command line. One entry point; each subcommand is a small typed function whose help text is
+its docstring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _gen_kwargs(a) -> dict:
+    kw = {"max_new_tokens": a.max_new_tokens, "num_beams": a.num_beams}
+    if a.min_new_tokens is not None:
+        kw["min_new_tokens"] = a.min_new_tokens
+    if a.sample:
+        kw.update(do_sample=True, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
+    if a.repetition_penalty is not None:
+        kw["repetition_penalty"] = a.repetition_penalty
+    if a.length_penalty is not None:
+        kw["length_penalty"] = a.length_penalty
+    return kw
+
+
+def _load(a):
+    import torch
+
+    import blip2
+
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    return blip2.load(a.model, dtype=dtype, device=a.device)
+
+
+def _emit(a, rows: list[dict], key: str) -> None:
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['image']}: {r[key]}" if len(rows) > 1 else r[key])
+
+
+def cmd_caption(a) -> None:
+    """Caption one or more images."""
+    model = _load(a)
+    out = model.caption([str(p) for p in a.images], prompt=a.prompt, **_gen_kwargs(a))
+    _emit(a, [{"image": str(p), "caption": c} for p, c in zip(a.images, out)], "caption")
+
+
+def cmd_ask(a) -> None:
+    """Answer a question about an image (prompt "Question: {} Short answer:" unless --template is given)."""
+    model = _load(a)
+    kw = {"template": a.template} if a.template else {}
+    out = model.answer([str(a.image)], [a.question], **kw, **_gen_kwargs(a))
+    _emit(a, [{"image": str(a.image), "question": a.question, "answer": out[0]}], "answer")
+
+
+def cmd_instruct(a) -> None:
+    """Follow a free-form instruction about an image (InstructBLIP checkpoints)."""
+    model = _load(a)
+    out = model.instruct([str(a.image)], [a.text], **_gen_kwargs(a))
+    _emit(a, [{"image": str(a.image), "instruction": a.text, "response": out[0]}], "response")
+
+
+def cmd_info(a) -> None:
+    """Describe a checkpoint: architecture, parameters per part, dtype."""
+    from .info import describe
+
+    info = describe(a.model)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{a.model}: {info['architecture']} ({info['dtype']})")
+    for part, n in info["parameters"].items():
+        print(f"  {part:<22} {n:>15,d}")
+    for k, v in info["details"].items():
+        print(f"  {k}: {v}")
+
+
+def cmd_demo(a) -> None:
+    """Build a tiny random BLIP-2 (OPT) with a small tokenizer, save it in the transformers format, load it back,
+    caption two photos that ship with scikit-image, and check the ids against transformers' own generate."""
+    from .demo import run_demo
+
+    run_demo(Path(a.output))
+
+
+def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new)
+    g.add_argument("--min-new-tokens", type=int, default=None)
+    g.add_argument("--num-beams", type=int, default=5)
+    g.add_argument("--sample", action="store_true", help="sample instead of beam search / greedy")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--length-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (transformers format)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="blip2", description="BLIP-2 and InstructBLIP: caption, answer, instruct.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def add(name, fn):
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("caption", cmd_caption)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
+    _add_model(p)
+    _add_generation(p)
+    p = add("ask", cmd_ask)
+    p.add_argument("image", type=Path)
+    p.add_argument("question")
+    p.add_argument("--template", default=None, help='prompt template with {} for the question')
+    _add_model(p)
+    _add_generation(p, max_new=10)
+    p = add("instruct", cmd_instruct)
+    p.add_argument("image", type=Path)
+    p.add_argument("text")
+    _add_model(p)
+    _add_generation(p, max_new=256)
+    p = add("info", cmd_info)
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--json", action="store_true")
+    p = add("demo", cmd_demo)
+    p.add_argument("--output", default="runs/demo", help="where the tiny checkpoint is written")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        # known failure modes (bad checkpoint, bad image, bad config) end with one clear line, no traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"blip2 {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

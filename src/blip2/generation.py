@@ -1,0 +1,466 @@
+"""Fast decoding for the frozen language model, id-for-id equal to transformers' `generate`.
+
+BLIP-2 feeds the LLM `inputs_embeds` [B, L, D] (32 visual soft-prompt vectors, then the embedded text prompt)
+with a left-padded `attention_mask` [B, L]. `generate` below returns exactly the token ids that
+`lm.generate(inputs_embeds=..., attention_mask=..., **fields)` returns (new tokens only), for greedy search,
+multinomial sampling (same seed -> same ids), beam search and beam sampling, with repetition penalty,
+min/max new tokens and EOS stopping. It is faster because everything transformers re-derives every step
+(processor lists, stopping criteria, kwargs bookkeeping, input preparation, cache lookup) is computed once
+here, and each processor is a couple of tensor ops.
+
+Exactness comes from feeding the LM the very same forward arguments transformers feeds it (same batch
+expansion, positions, mask, cache class, `logits_to_keep=1`) and from doing the same floating-point ops in
+the same order on the scores (e.g. beam scores use transformers' additive -1e9 masks, not -inf).
+Quirks of transformers 5.24 that are replicated on purpose, because the ids depend on them:
+  * Decoder-only position ids are `cumsum(mask) - 1` with pads set to 0; the mask is dropped (None) when it
+    is all ones.
+  * The repetition penalty ignores, per row, the first `p` positions of the token history, `p` = index of
+    the first non-zero in the attention mask. With `inputs_embeds` only (no `input_ids`) the history holds
+    just the generated tokens, so a row with `p` pads does not penalise its first `p` generated tokens.
+  * For encoder-decoders the decoder start token is part of the history (it is penalised).
+  * Beam search fills finished hypotheses with `pad_token_id`, but with `eos_token_id[0]` when
+    `pad_token_id` is 0 (transformers tests `pad or eos`), and with -1 when there is no EOS.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GenerationConfig", "generate"]
+
+_NEG = -1.0e9  # transformers' "impossible" beam score; finite so that sums of it stay comparable
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings; every field means what the argument of the same name means to transformers'
+    `generate`. Special tokens left as None are taken from `lm.generation_config` (as `lm.generate` does when
+    the argument is not passed); `eos_token_id=[]` disables EOS stopping explicitly.
+
+    top_k / top_p / temperature act only when `do_sample` is True (top_k None or 0 = off). `early_stopping`
+    (beam search): True stops a batch row as soon as it holds `num_beams` finished hypotheses; False stops when
+    no running beam can beat the worst finished one at the current length; "never" at the best possible length.
+    """
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ValueError(f"GenerationConfig: {msg}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(is_int(self.max_new_tokens) and self.max_new_tokens > 0,
+             f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        need(is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
+             f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
+        need(is_int(self.num_beams) and self.num_beams >= 1, f"num_beams must be an int >= 1, got {self.num_beams!r}")
+        need(isinstance(self.do_sample, bool), f"do_sample must be a bool, got {self.do_sample!r}")
+        need(isinstance(self.temperature, (int, float)) and self.temperature > 0,
+             f"temperature must be > 0 (use do_sample=False for greedy decoding), got {self.temperature!r}")
+        need(self.top_k is None or (is_int(self.top_k) and self.top_k >= 0),
+             f"top_k must be None or an int >= 0 (0/None = off), got {self.top_k!r}")
+        need(isinstance(self.top_p, (int, float)) and 0.0 <= self.top_p <= 1.0,
+             f"top_p must be in [0, 1], got {self.top_p!r}")
+        need(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}")
+        need(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool),
+             f"length_penalty must be a number, got {self.length_penalty!r}")
+        need(self.early_stopping in (True, False, "never"),
+             f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        need(is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
+             f"num_return_sequences must be an int >= 1, got {self.num_return_sequences!r}")
+        if self.num_beams == 1:
+            need(self.do_sample or self.num_return_sequences == 1,
+                 "num_return_sequences > 1 needs num_beams > 1 or do_sample=True (greedy returns one sequence)")
+        else:
+            need(self.num_return_sequences <= self.num_beams,
+                 f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        eos = self.eos_token_id
+        need(eos is None or (is_int(eos) and eos >= 0)
+             or (isinstance(eos, (list, tuple)) and all(is_int(e) and e >= 0 for e in eos)),
+             f"eos_token_id must be None, an int >= 0 or a list of them, got {eos!r}")
+        for name in ("pad_token_id", "decoder_start_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v >= 0), f"{name} must be None or an int >= 0, got {v!r}")
+        # transformers passes float parameters through as given; ints would work but keep them floats.
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.repetition_penalty, self.length_penalty = float(self.repetition_penalty), float(self.length_penalty)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Special tokens
+
+
+def _special_tokens(lm, cfg: GenerationConfig, encoder_decoder: bool):
+    """(eos ids tuple or None, pad id or None, decoder start id or None), resolved like transformers:
+    unset fields come from `lm.generation_config`; pad falls back to eos[0]; decoder start falls back to bos."""
+    gc = getattr(lm, "generation_config", None)
+
+    def pick(name):
+        v = getattr(cfg, name)
+        return v if v is not None else getattr(gc, name, None)
+
+    eos = pick("eos_token_id")
+    if eos is not None:
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        eos = eos or None  # [] = explicitly no EOS
+    pad = pick("pad_token_id")
+    if pad is None and eos is not None:
+        pad = eos[0]
+    start = None
+    if encoder_decoder:
+        start = pick("decoder_start_token_id")
+        start = start if start is not None else pick("bos_token_id")
+        if start is None:
+            raise ValueError("generate: encoder-decoder LMs need decoder_start_token_id (or bos_token_id) in the "
+                             "GenerationConfig or in lm.generation_config")
+    return eos, pad, start
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running the LM: one prefill, then one token per step with a KV cache
+
+
+def _forward_params(lm) -> set[str]:
+    return set(inspect.signature(lm.forward).parameters)
+
+
+def _new_dynamic_cache(lm):
+    # Same cache class and construction as transformers' generate (layer types come from the config).
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.config.get_text_config(decoder=True))
+
+
+class _CausalLMRunner:
+    """Decoder-only LM. Rows are already expanded to N = B * expand (beams / return sequences)."""
+
+    def __init__(self, lm, embeds, mask, position_ids, expand: int, max_new: int):
+        params = _forward_params(lm)
+        self.lm = lm
+        B, L, _ = embeds.shape
+        if expand > 1:
+            embeds = embeds.repeat_interleave(expand, 0)
+            mask = mask.repeat_interleave(expand, 0) if mask is not None else None
+            position_ids = position_ids.repeat_interleave(expand, 0) if position_ids is not None else None
+        if position_ids is None and "position_ids" in params:
+            # transformers: cumsum of the mask - 1, pads at 0 (a missing mask counts as all ones)
+            m = mask if mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            position_ids = (m.long().cumsum(-1) - 1).masked_fill(m == 0, 0)  # [N, L]
+        self.embeds, self.L = embeds, L
+        self.position_ids = position_ids if "position_ids" in params else None
+        # Positions of the fed-back tokens: last prompt position + 1, + 2, ... [N, max_new]
+        if self.position_ids is not None:
+            steps = torch.arange(1, max_new + 1, device=embeds.device, dtype=self.position_ids.dtype)
+            self.step_pos = self.position_ids[:, -1:] + steps
+        # transformers drops an all-ones mask (no padding); otherwise the mask grows by one 1 per step:
+        # precompute it once and slice [N, L + t] instead of concatenating every step.
+        if mask is None or bool((mask == 1).all()):
+            self.prefill_mask = self.full_mask = None
+        else:
+            self.prefill_mask = mask
+            self.full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new)], 1)
+        self.cache = _new_dynamic_cache(lm)
+        self.kwargs = {"use_cache": True, "return_dict": True}
+        self.kwargs["cache" if "cache" in params else "past_key_values"] = self.cache
+        if "logits_to_keep" in params:
+            self.kwargs["logits_to_keep"] = 1
+
+    def prefill(self) -> torch.Tensor:
+        """Logits [N, V] of the next token after the whole prompt."""
+        kw = self.kwargs if self.position_ids is None else {**self.kwargs, "position_ids": self.position_ids}
+        out = self.lm(inputs_embeds=self.embeds, attention_mask=self.prefill_mask, **kw)
+        self.embeds = None  # no longer needed
+        return out.logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Logits [N, V] after feeding `tokens` [N], the t-th generated token (1-based)."""
+        mask = self.full_mask[:, : self.L + t] if self.full_mask is not None else None
+        if self.position_ids is None:
+            out = self.lm(input_ids=tokens[:, None], attention_mask=mask, **self.kwargs)
+        else:
+            pos = self.step_pos[:, t - 1 : t]  # [N, 1]
+            out = self.lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos, **self.kwargs)
+        return out.logits[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows)
+
+
+class _Seq2SeqRunner:
+    """Encoder-decoder LM: encode once on B rows, expand the encoder states, decode from the start token."""
+
+    def __init__(self, lm, embeds, mask, expand: int, start_id: int):
+        from transformers import EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        params = _forward_params(lm)
+        self.lm = lm
+        hidden = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
+        if expand > 1:
+            hidden = hidden.repeat_interleave(expand, 0)
+            mask = mask.repeat_interleave(expand, 0) if mask is not None else None
+        self.cache = EncoderDecoderCache(_new_dynamic_cache(lm), _new_dynamic_cache(lm))
+        self.kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden), "attention_mask": mask,
+                       "use_cache": True, "return_dict": True}
+        self.kwargs["cache" if "cache" in params else "past_key_values"] = self.cache
+        if "logits_to_keep" in params:
+            self.kwargs["logits_to_keep"] = 1
+        self.start = torch.full((hidden.shape[0],), start_id, dtype=torch.long, device=hidden.device)
+
+    def prefill(self) -> torch.Tensor:
+        return self.step(self.start, 0)
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        out = self.lm(decoder_input_ids=tokens[:, None], **self.kwargs)
+        return out.logits[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Logits processors, in transformers' order: repetition penalty, min length, then (sampling only)
+# temperature, top-k, top-p.
+
+
+class _Scores:
+    def __init__(self, cfg: GenerationConfig, eos, prompt_ids, ignore_len, min_keep: int):
+        """prompt_ids: [N, P] ids that precede the generated ones in transformers' history (P may be 0);
+        ignore_len: [N] or None, history positions < ignore_len are not penalised."""
+        self.cfg, self.min_keep = cfg, min_keep
+        self.eos = torch.tensor(eos, device=prompt_ids.device) if eos is not None else None
+        self.rep = cfg.repetition_penalty if cfg.repetition_penalty != 1.0 else None
+        self.prompt_ids, self.ignore_len, self.P = prompt_ids, ignore_len, prompt_ids.shape[1]
+        self.seen = None  # [N, V] bool: tokens of the (non-ignored) history, built at the first call
+
+    def _init_seen(self, V: int):
+        ids = self.prompt_ids
+        if self.ignore_len is not None and self.P:
+            pos = torch.arange(self.P, device=ids.device)
+            ids = ids.masked_fill(pos[None] < self.ignore_len[:, None], V)
+        seen = torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=ids.device)
+        seen.scatter_(1, ids.clamp(max=V), True)  # ids beyond the LM head (or ignored) land in column V
+        self.seen = seen[:, :V]
+
+    def __call__(self, scores: torch.Tensor, n_new: int) -> torch.Tensor:
+        """scores [N, V] -> processed scores; n_new = tokens generated so far."""
+        if self.rep is not None:
+            if self.seen is None:
+                self._init_seen(scores.shape[-1])
+            p = self.rep
+            scores = torch.where(self.seen, torch.where(scores < 0, scores * p, scores / p), scores)
+        if self.eos is not None and n_new < self.cfg.min_new_tokens:
+            scores = scores.index_fill(1, self.eos, -math.inf)
+        if self.cfg.do_sample:
+            scores = self._warp(scores)
+        return scores
+
+    def _warp(self, scores: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.temperature != 1.0:
+            scores = scores / cfg.temperature
+        if cfg.top_k:
+            k = min(max(cfg.top_k, self.min_keep), scores.shape[-1])
+            kth = torch.topk(scores, k)[0][..., -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if cfg.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - cfg.top_p  # low tail whose mass is <= 1 - top_p
+            drop[..., -self.min_keep :] = False
+            scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+        return scores
+
+    def observe(self, tokens: torch.Tensor, n_new: int, rows: torch.Tensor | None = None) -> None:
+        """Record the n_new-th (0-based) generated token of each row; `rows` first reorders the history
+        (beam search: row i continues row rows[i])."""
+        if self.seen is None:  # no repetition penalty, or not started
+            return
+        if rows is not None:
+            self.seen = self.seen[rows]
+        add = torch.ones_like(tokens, dtype=torch.bool)
+        if self.ignore_len is not None:
+            add = (self.P + n_new) >= self.ignore_len
+        r = torch.arange(tokens.shape[0], device=tokens.device)
+        self.seen[r, tokens] |= add
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoding loops
+
+
+def _greedy_or_sample(runner, scores_fn: _Scores, cfg: GenerationConfig, eos, pad) -> torch.Tensor:
+    logits = runner.prefill()
+    N, T = logits.shape[0], cfg.max_new_tokens
+    out = torch.empty(N, T, dtype=torch.long, device=logits.device)
+    unfinished = torch.ones(N, dtype=torch.bool, device=logits.device)
+    t = 0
+    for t in range(T):
+        scores = scores_fn(logits, t)
+        if cfg.do_sample:
+            tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        if eos is not None:
+            tokens = tokens.masked_fill(~unfinished, pad)  # finished rows are padded
+            unfinished &= ~torch.isin(tokens, scores_fn.eos)
+        out[:, t] = tokens
+        scores_fn.observe(tokens, t)
+        if t + 1 == T or (eos is not None and not bool(unfinished.any())):
+            break
+        logits = runner.step(tokens, t + 1)
+    return out[:, : t + 1]
+
+
+def _beam_search(runner, scores_fn: _Scores, cfg: GenerationConfig, B: int, eos, fill: int) -> torch.Tensor:
+    """transformers' vectorised beam search: keep the top K2 = max(2, 1 + #eos) * K continuations so that K
+    of them can keep running, move EOS-ending ones (among the top K) into a pool of K finished hypotheses
+    per row scored by logprob / length ** length_penalty."""
+    K, T, lp, es = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, cfg.early_stopping
+    K2 = max(2, 1 + (len(eos) if eos is not None else 0)) * K
+    logits = runner.prefill()
+    dev = logits.device
+    run_scores = torch.zeros(B, K, device=dev)
+    run_scores[:, 1:] = _NEG  # only beam 0 is live at first, so the K beams do not pick the same tokens
+    run_tokens = torch.full((B, K, T), fill, dtype=torch.long, device=dev)  # generated tokens of running beams
+    fin_tokens = run_tokens.clone()  # finished hypotheses [B, K, T], with scores, lengths, "is real" flags
+    fin_scores = torch.full((B, K), _NEG, device=dev)
+    fin_lens = torch.zeros(B, K, dtype=torch.long, device=dev)
+    fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)  # may a running beam still beat the worst finished?
+    in_top_k = torch.arange(K2, device=dev) < K  # only the best K candidates may be finalised
+    row_offset = torch.arange(B, device=dev)[:, None] * K
+    for t in range(T):
+        logp = scores_fn(F.log_softmax(logits, dim=-1), t)
+        V = logp.shape[-1]
+        acc = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
+        if cfg.do_sample:
+            idx = torch.multinomial(F.softmax(acc, dim=-1), num_samples=K2)
+            top, order = acc.gather(1, idx).sort(dim=-1, descending=True)
+            idx = idx.gather(-1, order)
+        else:
+            top, idx = torch.topk(acc, k=K2)
+        src, tok = idx // V, idx % V  # [B, K2] source beam and token of each candidate
+        cand = torch.take_along_dim(run_tokens, src[:, :, None], dim=1)  # [B, K2, T]
+        cand[:, :, t] = tok
+        if t + 1 >= T:
+            hits = torch.ones_like(tok, dtype=torch.bool)  # max length reached
+        elif eos is not None:
+            hits = torch.isin(tok, scores_fn.eos)
+        else:
+            hits = torch.zeros_like(tok, dtype=torch.bool)
+
+        # Running beams for the next step: the best K candidates that did not stop.
+        run_cand = top + hits.to(torch.float32) * _NEG
+        keep = torch.topk(run_cand, k=K)[1]
+        run_tokens = torch.take_along_dim(cand, keep[:, :, None], dim=1)
+        run_scores = run_cand.gather(1, keep)
+        origin = src.gather(1, keep)
+
+        # Finished pool: merge stopped candidates (length-penalised) with the pool, keep the best K.
+        just_done = hits & in_top_k
+        fin_cand = top / ((t + 1) ** lp)
+        fin_cand += (fin_done.all(-1, keepdim=True) & (es is True)).to(torch.float32) * _NEG
+        fin_cand += (~improvable).to(torch.float32) * _NEG
+        fin_cand += (~just_done) * _NEG
+        best = torch.topk(torch.cat([fin_scores, fin_cand], 1), k=K)[1]
+        fin_tokens = torch.take_along_dim(torch.cat([fin_tokens, cand], 1), best[:, :, None], dim=1)
+        fin_scores = torch.cat([fin_scores, fin_cand], 1).gather(1, best)
+        fin_lens = torch.cat([fin_lens, torch.full_like(tok, t + 1)], 1).gather(1, best)
+        fin_done = torch.cat([fin_done, just_done], 1).gather(1, best)
+
+        # Stop when no row can improve, or (early_stopping=True) all pools are full, or nothing can continue.
+        best_len = T if (es == "never" and lp > 0.0) else t + 1
+        best_running = run_scores[:, :1] / (best_len**lp)
+        worst_done = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], _NEG)
+        improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
+        if not bool(improvable.any()) or (es is True and bool(fin_done.all())) or bool(hits.all()):
+            break
+        rows = (origin + row_offset).view(-1)
+        runner.reorder(rows)
+        tokens = run_tokens[:, :, t].reshape(-1)
+        scores_fn.observe(tokens, t, rows)
+        logits = runner.step(tokens, t + 1)
+
+    n = cfg.num_return_sequences
+    length = int(fin_lens[:, :n].max())
+    return fin_tokens[:, :n, :length].reshape(B * n, length)
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig,
+             input_ids: torch.LongTensor | None = None,
+             position_ids: torch.LongTensor | None = None) -> torch.LongTensor:
+    """Decode from a frozen transformers LM (`AutoModelForCausalLM` or `AutoModelForSeq2SeqLM`).
+
+    inputs_embeds [B, L, D]: the LM input (decoder-only) or encoder input (encoder-decoder);
+    attention_mask [B, L] (1 = real, 0 = pad; left padding for decoder-only) or None (no padding);
+    input_ids [B, L] (decoder-only only, optional): the ids transformers would receive alongside
+    `inputs_embeds` (placeholder ids at visual positions); they enter only the repetition-penalty history;
+    position_ids [B, L] (decoder-only only, optional): overrides positions derived from the mask.
+    Returns the new tokens [B * num_return_sequences, N] (N <= max_new_tokens; rows that finished early
+    are padded), equal to what `lm.generate(inputs_embeds=..., attention_mask=..., ...)` generates.
+    """
+    cfg = config
+    if not isinstance(cfg, GenerationConfig):
+        raise TypeError(f"generate: config must be a GenerationConfig, got {type(cfg).__name__}")
+    if inputs_embeds.dim() != 3:
+        raise ValueError(f"generate: inputs_embeds must be [B, L, D], got shape {tuple(inputs_embeds.shape)}")
+    B, L, _ = inputs_embeds.shape
+    for name, t in (("attention_mask", attention_mask), ("input_ids", input_ids), ("position_ids", position_ids)):
+        if t is not None and tuple(t.shape) != (B, L):
+            raise ValueError(f"generate: {name} must be [B, L] = {[B, L]} like inputs_embeds, got {list(t.shape)}")
+    enc_dec = bool(getattr(lm.config, "is_encoder_decoder", False))
+    if enc_dec and (input_ids is not None or position_ids is not None):
+        raise ValueError("generate: input_ids / position_ids apply to decoder-only LMs; an encoder-decoder LM "
+                         "takes only inputs_embeds and attention_mask")
+    eos, pad, start = _special_tokens(lm, cfg, enc_dec)
+    expand = max(cfg.num_beams, cfg.num_return_sequences)
+    dev = inputs_embeds.device
+
+    with torch.inference_mode():
+        # The history transformers' processors see before the first new token, and the per-row count of
+        # ignored leading positions for the repetition penalty (from the decoder-only attention mask).
+        if enc_dec:
+            runner = _Seq2SeqRunner(lm, inputs_embeds, attention_mask, expand, start)
+            prompt_ids, ignore_len = runner.start[:, None], None
+        else:
+            runner = _CausalLMRunner(lm, inputs_embeds, attention_mask, position_ids, expand, cfg.max_new_tokens)
+            prompt_ids = (input_ids.repeat_interleave(expand, 0) if input_ids is not None
+                          else torch.empty(B * expand, 0, dtype=torch.long, device=dev))
+            mask = runner.prefill_mask  # None when there is no padding
+            ignore_len = (mask != 0).int().argmax(dim=1) if mask is not None else None
+        if cfg.num_beams > 1:
+            min_keep = 1 + (len(eos) if eos is not None else 1)
+        else:
+            min_keep = 1
+        scores_fn = _Scores(cfg, eos, prompt_ids, ignore_len, min_keep)
+        if cfg.num_beams == 1:
+            return _greedy_or_sample(runner, scores_fn, cfg, eos, pad)
+        # transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 counts as unset), -1 without EOS
+        fill = (pad if pad else eos[0]) if eos is not None else -1
+        return _beam_search(runner, scores_fn, cfg, B, eos, fill)
