@@ -347,7 +347,9 @@ def _int(x) -> int:
 
 # ------------------------------------------------------------------------------------------------------ presets
 # Architectures of the public checkpoints (random weights). LLM fields follow the public config.json files.
-EVA_G = {}  # VisionConfig defaults are EVA ViT-g/14 @224 with 39 blocks
+# VisionConfig defaults are EVA ViT-g/14 @224 with 39 blocks; the transformers checkpoints use eps 1e-6 for
+# ln_vision (LAVIS: 1e-5)
+EVA_G = {"ln_vision_eps": 1e-6}
 CLIP_L = {"hidden_size": 1024, "num_layers": 23, "num_heads": 16, "mlp_hidden_size": 4096, "patch_size": 14,
           "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
 
@@ -357,11 +359,13 @@ _OPT = {"model_type": "opt", "activation_function": "relu", "do_layer_norm_befor
         "tie_word_embeddings": True}
 _T5 = {"model_type": "t5", "d_kv": 64, "feed_forward_proj": "gated-gelu", "is_encoder_decoder": True,
        "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
-       "vocab_size": 32128, "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
-       "decoder_start_token_id": 0, "dense_act_fn": "gelu_new", "is_gated_act": True}
+       "vocab_size": 32128, "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1,
+       "decoder_start_token_id": 0, "dense_act_fn": "gelu", "is_gated_act": True}
+# Vicuna: 32000 + [PAD] + <image>, padded to a multiple of 64; the tokenizer's BOS is </s> (2)
 _VICUNA = {"model_type": "llama", "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000, "vocab_size": 32001,
+           "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 32000, "vocab_size": 32064,
            "tie_word_embeddings": False}
+_QFORMER_DEC = {"vocab_size": 30523}  # BERT + [DEC]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "blip2-opt-2.7b": {
@@ -385,25 +389,25 @@ PRESETS: dict[str, dict[str, Any]] = {
                               "num_heads": 64}},
     },
     "blip2-itm-vit-g": {
-        "architecture": "blip2-retrieval", "vision": EVA_G, "llm": None,
+        "qformer": _QFORMER_DEC, "architecture": "blip2-retrieval", "vision": EVA_G, "llm": None,
     },
     "instructblip-vicuna-7b": {
-        "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32001,
+        "qformer": _QFORMER_DEC, "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32001,
         "llm": {"hf_config": {**_VICUNA, "hidden_size": 4096, "intermediate_size": 11008,
                               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}},
     },
     "instructblip-vicuna-13b": {
-        "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32001,
+        "qformer": _QFORMER_DEC, "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32001,
         "llm": {"hf_config": {**_VICUNA, "hidden_size": 5120, "intermediate_size": 13824,
                               "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40}},
     },
     "instructblip-flan-t5-xl": {
-        "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32100,
+        "qformer": _QFORMER_DEC, "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32100,
         "llm": {"hf_config": {**_T5, "d_model": 2048, "d_ff": 5120, "num_layers": 24, "num_decoder_layers": 24,
                               "num_heads": 32}},
     },
     "instructblip-flan-t5-xxl": {
-        "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32100,
+        "qformer": _QFORMER_DEC, "architecture": "instructblip", "vision": EVA_G, "image_token_index": 32100,
         "llm": {"hf_config": {**_T5, "d_model": 4096, "d_ff": 10240, "num_layers": 24, "num_decoder_layers": 24,
                               "num_heads": 64}},
     },

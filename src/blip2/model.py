@@ -34,10 +34,16 @@ def build_llm(cfg: Blip2Config) -> nn.Module:
     hf = cfg.llm.to_transformers()
     auto = AutoModelForSeq2SeqLM if cfg.llm.is_encoder_decoder else AutoModelForCausalLM
     try:
-        return auto.from_config(hf)
+        llm = auto.from_config(hf)
     except ValueError as e:
         raise ValueError(f"llm: transformers cannot build a {auto.__name__} for model_type "
                          f"{cfg.llm.model_type!r}: {e}") from None
+    head, emb = llm.get_output_embeddings(), llm.get_input_embeddings()
+    if cfg.llm.hf_config.get("tie_word_embeddings") is False and head is not None and head.weight is emb.weight:
+        # transformers 5 always ties T5's head, but Flan-T5 checkpoints have their own
+        llm.config.tie_word_embeddings = False
+        head.weight = nn.Parameter(head.weight.detach().clone())
+    return llm
 
 
 class Blip2Model(nn.Module):
