@@ -317,7 +317,7 @@ class Processor:
         tokenizer = _load_tokenizer(path)
         qformer_dir = path / "qformer_tokenizer"
         qformer_tokenizer = _load_tokenizer(qformer_dir) if _has_tokenizer(qformer_dir) else None
-        side = "left" if _llm_is_encoder_decoder(path, tokenizer) else "left"
+        side = "right" if _llm_is_encoder_decoder(path, tokenizer) else "left"
         return cls(ImageProcessor.from_dir(path), tokenizer, qformer_tokenizer, padding_side=side)
 
     @property
