@@ -320,6 +320,22 @@ class Processor:
         side = "right" if _llm_is_encoder_decoder(path, tokenizer) else "left"
         return cls(ImageProcessor.from_dir(path), tokenizer, qformer_tokenizer, padding_side=side)
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the tokenizer(s) and a transformers `preprocessor_config.json` into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(path))
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(str(path / "qformer_tokenizer"))
+        ip = self.image_processor
+        cfg = {
+            "image_processor_type": "BlipImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"height": ip.image_size, "width": ip.image_size}, "resample": int(_resample(ip.resample)),
+            "do_rescale": True, "rescale_factor": ip.rescale_factor, "do_normalize": True,
+            "image_mean": list(ip.mean), "image_std": list(ip.std),
+        }
+        (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+
     @property
     def padding_side(self) -> str:
         return self.tokenizer.padding_side

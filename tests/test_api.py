@@ -1,0 +1,158 @@
+"""The user-facing API end to end (images and strings in, strings out) against transformers' processors and
+`generate` on the same checkpoint directory; batched equals one by one; the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import blip2
+from fixtures import make_bert_tokenizer, make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer, sample_image
+from hf_models import LLAMA_GQA, NUM_QUERY, OPT, QFORMER, T5_UNTIED, VISION, _randomize, _untie_t5
+
+torch.set_grad_enabled(False)
+
+IMAGES = [sample_image(40), sample_image((48, 36)).rotate(90), sample_image(33).convert("L")]
+PROMPTS = ["a photo of", "Question: what is the man holding? Short answer:", "describe the image"]
+
+
+def _checkpoint(kind: str, d):
+    """A transformers checkpoint directory (model + processor files) for `kind`, and the reference objects."""
+    from transformers import (AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
+                              InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor)
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    llm = kind.split("-")[1]
+    make = {"opt": make_gpt2_tokenizer, "llama": make_llama_tokenizer, "t5": make_t5_tokenizer}[llm]
+    tok = AutoTokenizer.from_pretrained(make(d / "_tok", vocab_size=400))
+    if "<image>" not in tok.get_vocab():
+        tok.add_tokens(["<image>"], special_tokens=True)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    text = {"opt": OPT, "llama": LLAMA_GQA, "t5": T5_UNTIED}[llm]
+    text = {**text, "vocab_size": len(tok) + 8, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    if kind.startswith("instructblip"):
+        qtok = AutoTokenizer.from_pretrained(make_bert_tokenizer(d / "_qtok"))
+        cfg = InstructBlipConfig(vision_config=VISION, qformer_config={**QFORMER, "vocab_size": 400},
+                                 text_config=text, num_query_tokens=NUM_QUERY, image_token_index=image_token)
+        hf = InstructBlipForConditionalGeneration(cfg)
+        proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
+                                     num_query_tokens=NUM_QUERY)
+    else:
+        cfg = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=text,
+                          num_query_tokens=NUM_QUERY, image_token_index=image_token)
+        hf = Blip2ForConditionalGeneration(cfg)
+        proc = Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=NUM_QUERY)
+    hf = _untie_t5(_randomize(hf, 1)).eval()
+    hf.save_pretrained(d)
+    proc.save_pretrained(d)
+    return hf, proc
+
+
+KINDS = ["blip2-opt", "instructblip-llama", "instructblip-t5"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def ckpt(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    hf, proc = _checkpoint(request.param, d)
+    return request.param, d, hf, proc
+
+
+def _reference_texts(kind, hf, proc, images, prompts, **gen):
+    padding_side = "right" if kind.endswith("t5") else "left"
+    proc.tokenizer.padding_side = padding_side
+    inputs = proc(images=images, text=prompts, return_tensors="pt", padding=True)
+    out = hf.generate(**inputs, **gen)
+    if not kind.endswith("t5"):
+        out = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in proc.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("gen", [dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3),
+                                 dict(max_new_tokens=6, num_beams=2, repetition_penalty=1.5, min_new_tokens=3)])
+def test_text_api_matches_transformers_pipeline(ckpt, gen):
+    kind, d, hf, proc = ckpt
+    model = blip2.load(d)
+    assert model.processor is not None
+    ours = model.instruct(IMAGES, PROMPTS, **gen)
+    assert ours == _reference_texts(kind, hf, proc, IMAGES, PROMPTS, **gen)
+
+
+def test_batched_equals_one_by_one(ckpt):
+    kind, d, hf, proc = ckpt
+    model = blip2.load(d)
+    for gen in (dict(max_new_tokens=7), dict(max_new_tokens=7, num_beams=3)):
+        batched = model.instruct(IMAGES, PROMPTS, **gen)
+        single = [model.instruct([img], [p], **gen)[0] for img, p in zip(IMAGES, PROMPTS)]
+        assert batched == single
+
+
+def test_caption_and_answer_helpers(ckpt):
+    kind, d, hf, proc = ckpt
+    model = blip2.load(d)
+    caps = model.caption(IMAGES[:2], max_new_tokens=5)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    ans = model.answer(IMAGES[:1], "what is the man holding?", max_new_tokens=4)
+    q = "Question: what is the man holding? Short answer:"
+    assert ans == model.instruct(IMAGES[:1], [q], max_new_tokens=4)
+
+
+def test_generate_returns_new_tokens_only(ckpt):
+    kind, d, hf, proc = ckpt
+    model = blip2.load(d)
+    px = model.processor.images(IMAGES[:2])
+    ids, mask = model.processor.tokenize_prompts(PROMPTS[:2])
+    kw = {}
+    if kind.startswith("instructblip"):
+        kw["qformer_input_ids"], kw["qformer_attention_mask"] = model.processor.tokenize_qformer(PROMPTS[:2])
+    out = model.generate(px, input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, **kw)
+    assert out.shape == (2, 5) and out.dtype == torch.long
+    out = model.generate(px, input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=3,
+                         num_return_sequences=2, **kw)
+    assert out.shape[0] == 4
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "blip2.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_caption_ask_instruct_info(ckpt, tmp_path):
+    kind, d, hf, proc = ckpt
+    img = tmp_path / "photo.png"
+    IMAGES[0].save(img)
+    r = _cli("caption", img, img, "--model", d, "--max-new-tokens", "5", "--num-beams", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["image"] for row in rows] == [str(img)] * 2
+    model = blip2.load(d)
+    assert rows[0]["caption"] == model.caption([img], max_new_tokens=5, num_beams=2)[0]
+    r = _cli("ask", img, "what is it?", "--model", d, "--max-new-tokens", "3", "--json")
+    assert r.returncode == 0 and "answer" in json.loads(r.stdout)[0], r.stderr
+    r = _cli("instruct", img, "Describe it.", "--model", d, "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    r = _cli("info", d, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["architecture"] == kind.split("-")[0]
+
+
+def test_cli_bad_image_is_one_line(ckpt, tmp_path):
+    _, d, _, _ = ckpt
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    r = _cli("caption", bad, "--model", d)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "broken.jpg" in lines[0], r.stderr
+
+
+def test_cli_help_lists_commands():
+    r = _cli("--help")
+    assert r.returncode == 0
+    for cmd in ("caption", "ask", "instruct", "info", "demo"):
+        assert cmd in r.stdout
