@@ -21,6 +21,12 @@ from .vision import build_vision
 
 
 @dataclass
+class Features:
+    embeds: torch.Tensor  # Q-Former outputs
+    proj: torch.Tensor | None  # normalised projections into the contrastive space (stage-1 heads)
+
+
+@dataclass
 class Blip2Output:
     logits: torch.Tensor  # [B, T, V]: text positions (decoder positions for encoder-decoder LLMs)
     loss: torch.Tensor | None = None
@@ -352,6 +358,33 @@ class Blip2Model(nn.Module):
         img = self.image_embeds(pixel_values)  # (Bi, Q, D)
         txt = self.text_embeds(input_ids, attention_mask)  # (Bt, D)
         return torch.einsum("iqd,td->iqt", img, txt).amax(dim=1)
+
+    # ---------------------------------------------------------------------------------------- features
+    def image_features(self, pixel_values: torch.Tensor) -> Features:
+        """Query outputs [B, Q, H] and, with stage-1 heads, their normalised projections [B, Q, D_itc]."""
+        q = self.qformer(self.encode_image(pixel_values)).query_output
+        proj = F.normalize(self.vision_proj(q), dim=-1) if self.cfg.stage1_heads else None
+        return Features(embeds=q, proj=proj)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Features:
+        """Text-only Q-Former outputs [B, T, H] and, with stage-1 heads, the normalised [CLS] projection [B, D]."""
+        out = self.qformer(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
+        t = out.text_output
+        proj = F.normalize(self.text_proj(t[:, 0]), dim=-1) if self.cfg.stage1_heads else None
+        return Features(embeds=t, proj=proj)
+
+    def multimodal_features(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor | None = None) -> Features:
+        """Query outputs [B, Q, H] of the bidirectional pass over [queries; text] (text-conditioned queries)."""
+        out = self.qformer(self.encode_image(pixel_values), input_ids=input_ids, text_mask=attention_mask, mode="itm")
+        return Features(embeds=out.query_output, proj=None)
+
+    def losses(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+        """Stage-1 losses {"itc_loss", "itm_loss", "itg_loss", "loss"} (see blip2.stage1)."""
+        from .stage1 import stage1_losses
+
+        return stage1_losses(self, pixel_values, input_ids, attention_mask, image_ids, generator)
 
     # ------------------------------------------------------------------------------------------ saving
     def save_pretrained(self, path, max_shard_size: int = 2 * 1024**3) -> None:

@@ -1,0 +1,95 @@
+"""Stage-1 losses (SPEC §3): image-text contrastive (ITC), hard-negative mining for matching (ITM), and
+image-grounded text generation (ITG). Pure functions of features and logits; the cross-process gather lives
+here (through blip2.dist) so that N processes give the losses and gradients of one process with the global
+batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import dist
+
+LABEL_SMOOTHING = 0.1
+
+
+def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """Max over queries of the dot product: image_feats [Bi, Q, D], text_feats [Bt, D] -> [Bi, Bt]."""
+    return torch.einsum("iqd,td->iqt", image_feats, text_feats).amax(dim=1)
+
+
+def same_image_targets(image_ids_local: torch.Tensor, image_ids_all: torch.Tensor) -> torch.Tensor:
+    """[B, W*B]: the normalised indicator of texts/images that share an image id."""
+    pos = (image_ids_local[:, None] == image_ids_all[None, :]).float()
+    return pos / pos.sum(dim=1, keepdim=True)
+
+
+def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
+             image_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contrastive loss over the global batch.
+
+    image_feats [B, Q, D] and text_feats [B, D] (normalised, this rank's); features of all ranks are gathered
+    with gradient. Targets: this rank's diagonal (rank*B + arange(B)), or the same-image indicator when
+    `image_ids` [B] is given. Cross-entropy with label smoothing 0.1, mean of both directions.
+    Returns (loss, sim_i2t [B, W*B], sim_t2i [B, W*B]) with the similarities divided by `temp`.
+    """
+    B = image_feats.shape[0]
+    image_all = dist.gather_with_grad(image_feats)  # (W*B, Q, D)
+    text_all = dist.gather_with_grad(text_feats)  # (W*B, D)
+    sim_i2t = itc_similarity(image_feats, text_all) / temp  # (B, W*B)
+    sim_t2i = itc_similarity(image_all, text_feats).t() / temp  # (B, W*B)
+    if image_ids is None:
+        targets = torch.arange(B, device=image_feats.device) + dist.rank() * B
+        targets = F.one_hot(targets, sim_i2t.shape[1]).to(sim_i2t.dtype)
+    else:
+        targets = same_image_targets(image_ids, dist.gather(image_ids)).to(sim_i2t.dtype)
+    loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t_all: torch.Tensor, sim_t2i_all: torch.Tensor,
+                          image_ids_all: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of the GLOBAL batch: one negative text per image and one negative image per text, drawn
+    with probability softmax(similarity) where positives are excluded.
+
+    sim_*_all [N, N] (N = W*B, rows = all ranks' samples). Sampling every global row on every rank with the
+    same generator state makes the negatives independent of how the batch is split across processes.
+    Returns (neg_text_for_image [N], neg_image_for_text [N]) indices into the global batch.
+    """
+    N = sim_i2t_all.shape[0]
+    if image_ids_all is None:
+        positive = torch.eye(N, dtype=torch.bool, device=sim_i2t_all.device)
+    else:
+        positive = image_ids_all[:, None] == image_ids_all[None, :]
+    if bool(positive.all(dim=1).any()):
+        raise ValueError("ITM hard negatives need at least two different images in the global batch")
+    w_i2t = sim_i2t_all.float().masked_fill(positive, float("-inf")).softmax(dim=1)
+    w_t2i = sim_t2i_all.float().masked_fill(positive, float("-inf")).softmax(dim=1)
+    neg_text = torch.multinomial(w_i2t.cpu(), 1, generator=generator).squeeze(1).to(sim_i2t_all.device)
+    neg_image = torch.multinomial(w_t2i.cpu(), 1, generator=generator).squeeze(1).to(sim_i2t_all.device)
+    return neg_text, neg_image
+
+
+def itm_loss(itm_logits: torch.Tensor) -> torch.Tensor:
+    """itm_logits [3B, 2] for rows (pos text, pos image), (pos text, neg image), (neg text, pos image)."""
+    B = itm_logits.shape[0] // 3
+    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(itm_logits.device)
+    return F.cross_entropy(itm_logits.float(), labels)
+
+
+def itg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with label smoothing 0.1: logits[:, t] predicts labels[:, t+1]; -100 ignored.
+
+    Averaged over the tokens of the GLOBAL batch (the token count is summed across ranks and this rank's sum
+    scaled by the world size, so that DDP's gradient averaging gives exactly the one-process gradient)."""
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    target = labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                            label_smoothing=LABEL_SMOOTHING, reduction="sum")
+    n_local = (target != -100).sum()
+    n_global = dist.all_reduce_sum(n_local.detach().float())
+    return total * dist.world_size() / n_global.clamp(min=1)

@@ -1,0 +1,117 @@
+"""Stage 1: Q-Former representation learning with the image encoder frozen (SPEC §3).
+
+`stage1_losses` is the whole objective: one queries-only pass (whose keys/values ITG reuses), one text-only
+pass (ITC), one bidirectional pass over 3B (text, image) pairs (ITM with hard negatives from the global batch),
+one causal text pass (ITG). It returns the named losses; `Blip2Model.losses` calls it.
+
+`from_bert` builds a stage-1 model whose Q-Former starts from a BERT-family checkpoint directory, with the BERT
+tokenizer and `[DEC]` added.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import dist, losses
+from .config import Blip2Config, VisionConfig
+
+
+def decoder_token_id(model) -> int:
+    """[DEC]: from the attached tokenizer (its bos token), else the Q-Former config's bos_token_id, else the
+    last id of the Q-Former vocabulary (where LAVIS appends it)."""
+    proc = getattr(model, "processor", None)
+    tok = getattr(proc, "qformer_tokenizer", None) or getattr(proc, "tokenizer", None)
+    if tok is not None and tok.bos_token_id is not None and tok.bos_token == "[DEC]":
+        return int(tok.bos_token_id)
+    if model.cfg.qformer.bos_token_id is not None:
+        return int(model.cfg.qformer.bos_token_id)
+    return model.cfg.qformer.vocab_size - 1
+
+
+def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  image_ids: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """ITC + ITM + ITG for a batch of (image, text) pairs. input_ids: BERT-tokenised text starting with [CLS],
+    right-padded, [B, T]; image_ids [B] marks texts that share an image (soft ITC targets, no such negatives)."""
+    if not model.cfg.stage1_heads or model.qformer.lm_head is None:
+        raise ValueError("stage-1 losses need the stage-1 heads and the Q-Former LM head "
+                         "(config stage1_heads=True, qformer.lm_head=True)")
+    qf = model.qformer
+    B = pixel_values.shape[0]
+    attention_mask = attention_mask.long()
+
+    # --- image side: frozen encoder, then the queries alone (ITC); the cache feeds ITG
+    image = model.encode_image(pixel_values)  # (B, M, Dv)
+    q_out = qf(image, use_cache=True)
+    image_feats = F.normalize(model.vision_proj(q_out.query_output), dim=-1)  # (B, Q, D)
+
+    # --- text side alone (ITC)
+    t_out = qf(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
+    text_feat = F.normalize(model.text_proj(t_out.text_output[:, 0]), dim=-1)  # (B, D) from [CLS]
+
+    itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feat, model.temp, image_ids)
+
+    # --- ITM: hard negatives from the global batch
+    ids_all = dist.gather(input_ids)  # (W*B, T)
+    mask_all = dist.gather(attention_mask)
+    image_all = dist.gather_with_grad(image)  # (W*B, M, Dv)
+    image_ids_all = dist.gather(image_ids) if image_ids is not None else None
+    neg_text, neg_image = losses.sample_hard_negatives(dist.gather(sim_i2t.detach()), dist.gather(sim_t2i.detach()),
+                                                       image_ids_all, generator=generator)
+    rows = torch.arange(B, device=input_ids.device) + dist.rank() * B  # this rank's global rows
+    neg_t, neg_i = neg_text[rows], neg_image[rows]
+    itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_t]], dim=0)  # (3B, T)
+    itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_t]], dim=0)
+    itm_image = torch.cat([image, image_all[neg_i], image], dim=0)  # (3B, M, Dv)
+    m_out = qf(itm_image, input_ids=itm_ids, text_mask=itm_mask, mode="itm")
+    itm_logits = model.itm_head(m_out.query_output).mean(dim=1)  # (3B, 2)
+    itm = losses.itm_loss(itm_logits)
+
+    # --- ITG: [DEC] starts the text; queries' keys/values from the first pass (not detached)
+    dec_ids = input_ids.clone()
+    dec_ids[:, 0] = decoder_token_id(model)
+    labels = dec_ids.masked_fill(attention_mask == 0, -100)
+    g_out = qf(None, input_ids=dec_ids, text_mask=attention_mask, mode="itg", past=q_out.cache)
+    itg = losses.itg_loss(qf.lm_logits(g_out.text_output), labels)
+
+    return {"itc_loss": itc, "itm_loss": itm, "itg_loss": itg, "loss": itc + itm + itg}
+
+
+def stage1_config(vision: VisionConfig, bert_dir: str | Path | None = None, vocab_size: int | None = None,
+                  num_query_tokens: int = 32, cross_attention_frequency: int = 2,
+                  image_text_hidden_size: int = 256, **qformer) -> Blip2Config:
+    """A stage-1 model config; the Q-Former takes the BERT checkpoint's shape when `bert_dir` is given."""
+    from .config import QFormerConfig
+    from .convert_bert import qformer_config_from_bert
+
+    q = dict(num_query_tokens=num_query_tokens, cross_attention_frequency=cross_attention_frequency,
+             encoder_hidden_size=vision.hidden_size, use_text=True, lm_head=True, **qformer)
+    if vocab_size is not None:
+        q["vocab_size"] = vocab_size
+    qcfg = qformer_config_from_bert(bert_dir, **q) if bert_dir is not None else QFormerConfig(**q)
+    return Blip2Config(architecture="blip2-retrieval", vision=vision, qformer=qcfg, llm=None,
+                       image_text_hidden_size=image_text_hidden_size, stage1_heads=True)
+
+
+def from_bert(bert_dir: str | Path, vision: VisionConfig | None = None, image_size: int | None = None, **kw):
+    """A stage-1 model initialised from a BERT-family checkpoint directory (weights + tokenizer, [DEC] added).
+    Returns the model with a Processor attached (its tokenizer is the BERT tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from .convert_bert import init_qformer_from_bert
+    from .model import Blip2Model
+    from .processing import ImageProcessor, Processor
+
+    vision = vision or VisionConfig()
+    tok = AutoTokenizer.from_pretrained(str(bert_dir))
+    if tok.bos_token != "[DEC]":
+        tok.add_special_tokens({"bos_token": "[DEC]"})
+    cfg = stage1_config(vision, bert_dir, vocab_size=len(tok), **kw)
+    cfg.qformer.bos_token_id = tok.bos_token_id
+    model = Blip2Model(cfg)
+    init_qformer_from_bert(model.qformer, bert_dir)
+    model.processor = Processor(ImageProcessor(image_size=image_size or vision.image_size), tok, padding_side="right")
+    return model
