@@ -109,6 +109,7 @@ class QFormerConfig:
     cross_attention_frequency: int = 2
     encoder_hidden_size: int = 1408
     num_query_tokens: int = 32
+    initializer_range: float = 0.02  # std of the random init (BERT's 0.02 suits width 768; scale ~1/sqrt(width))
     use_text: bool = False
     lm_head: bool = False
 

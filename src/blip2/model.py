@@ -73,6 +73,11 @@ class Blip2Model(nn.Module):
             self.text_proj = nn.Linear(H, cfg.image_text_hidden_size)
             self.itm_head = nn.Linear(H, 2)
             self.temp = nn.Parameter(torch.tensor(0.07))
+        for head in (self.language_projection, getattr(self, "vision_proj", None), getattr(self, "text_proj", None),
+                     getattr(self, "itm_head", None)):
+            if head is not None:  # BERT-style init, as the Q-Former (LAVIS / transformers)
+                nn.init.normal_(head.weight, std=cfg.qformer.initializer_range)
+                nn.init.zeros_(head.bias)
         self.processor = None  # a blip2.processing.Processor, attached by blip2.load when tokenizers are present
         self.set_trainable(vision=cfg.vision_trainable, llm=cfg.llm_trainable)
 

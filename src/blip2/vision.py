@@ -94,6 +94,11 @@ class EvaViT(nn.Module):
         self.grad_checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.blocks.modules():  # ViT-style init (timm / EVA): truncated normal, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     @property
     def hidden_size(self) -> int:
