@@ -64,3 +64,10 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum" or "max"); a no-op in one process."""
+    if is_distributed():
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return x

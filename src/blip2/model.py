@@ -343,19 +343,19 @@ class Blip2Model(nn.Module):
             raise ValueError(f"itm_logits pairs rows: {pixel_values.shape[0]} images vs {input_ids.shape[0]} texts")
         image = self.encode_image(pixel_values)
         out = self.qformer(image, input_ids=input_ids, text_mask=attention_mask, mode="itm")
-        return self.itm_head(out.query_output).mean(dim=1)  # (B, Q, 2) -> (B, 2)
+        return _head(self.itm_head, out.query_output).mean(dim=1)  # (B, Q, 2) -> (B, 2)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised projected query outputs [B, Q, D_itc]."""
         self._need_heads()
         q = self.qformer(self.encode_image(pixel_values)).query_output
-        return F.normalize(self.vision_proj(q), dim=-1)
+        return F.normalize(_head(self.vision_proj, q), dim=-1)
 
     def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised projected [CLS] outputs of the text-only pass [B, D_itc]."""
         self._need_heads()
         out = self.qformer(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
-        return F.normalize(self.text_proj(out.text_output[:, 0]), dim=-1)
+        return F.normalize(_head(self.text_proj, out.text_output[:, 0]), dim=-1)
 
     def itc_scores(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -368,14 +368,14 @@ class Blip2Model(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> Features:
         """Query outputs [B, Q, H] and, with stage-1 heads, their normalised projections [B, Q, D_itc]."""
         q = self.qformer(self.encode_image(pixel_values)).query_output
-        proj = F.normalize(self.vision_proj(q), dim=-1) if self.cfg.stage1_heads else None
+        proj = F.normalize(_head(self.vision_proj, q), dim=-1) if self.cfg.stage1_heads else None
         return Features(embeds=q, proj=proj)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Features:
         """Text-only Q-Former outputs [B, T, H] and, with stage-1 heads, the normalised [CLS] projection [B, D]."""
         out = self.qformer(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
         t = out.text_output
-        proj = F.normalize(self.text_proj(t[:, 0]), dim=-1) if self.cfg.stage1_heads else None
+        proj = F.normalize(_head(self.text_proj, t[:, 0]), dim=-1) if self.cfg.stage1_heads else None
         return Features(embeds=t, proj=proj)
 
     def multimodal_features(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
@@ -404,6 +404,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
                            ignore_index=-100)
+
+
+def _head(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a head in its own dtype (the Q-Former stays fp32 in an fp16 model, the heads do not)."""
+    return layer(x.to(layer.weight.dtype))
 
 
 def _batch_len(images) -> int:
