@@ -52,3 +52,16 @@ def test_model_to_device_and_back(ckpt):
         model.to("cuda")
         out = model(pixel_values=pixels(1).cuda(), input_ids=text_ids(1, 3, 200).cuda()).logits
         assert out.device.type == "cuda"
+
+
+def test_fp16_stage1_heads(tmp_path):
+    from hf_models import retrieval_hf
+
+    retrieval_hf().save_pretrained(tmp_path)
+    ref = blip2.load(tmp_path)
+    model = blip2.load(tmp_path, dtype=torch.float16)
+    px, ids = pixels(2), text_ids(2, 5, 120)
+    itm = model.itm_logits(px, ids)
+    itc = model.itc_scores(px, ids)
+    assert itm.dtype == torch.float16 and torch.isfinite(itm).all()
+    torch.testing.assert_close(itc.float(), ref.itc_scores(px, ids), atol=5e-2, rtol=5e-2)
