@@ -14,7 +14,12 @@ import blip2
 from fixtures import make_bert_tokenizer, make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer, sample_image
 from hf_models import LLAMA_GQA, NUM_QUERY, OPT, QFORMER, T5_UNTIED, VISION, _randomize, _untie_t5
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 IMAGES = [sample_image(40), sample_image((48, 36)).rotate(90), sample_image(33).convert("L")]
 PROMPTS = ["a photo of", "Question: what is the man holding? Short answer:", "describe the image"]

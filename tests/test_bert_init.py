@@ -9,7 +9,12 @@ from blip2.checkpoint import CheckpointError
 from blip2.convert_bert import init_qformer_from_bert, qformer_config_from_bert
 from blip2.qformer import QFormer
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

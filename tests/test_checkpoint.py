@@ -14,7 +14,12 @@ from blip2.checkpoint import CheckpointError
 from blip2.config import ConfigError
 from hf_models import OPT, T5_UNTIED, blip2_hf, pixels, text_ids
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,12 @@ import torch
 import blip2
 from hf_models import OPT, blip2_hf, pixels, text_ids
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

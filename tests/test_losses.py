@@ -81,8 +81,8 @@ def test_itm_loss_by_hand():
     assert abs(losses.itm_loss(logits).item() - expected) < 1e-6
 
 
-def test_itg_loss_by_hand_shifted_and_smoothed():
-    logits = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]])  # (1, 3 positions, V=3)
-    labels = torch.tensor([[9, 1, -100]])  # position 0 predicts token 1; position 1 predicts padding
-    expected = _ce_smoothed([1.0, 0.0, 0.0], [0.0, 1.0, 0.0])
-    assert abs(losses.itg_loss(logits, labels).item() - expected) < 1e-6
+def test_itg_loss_by_hand_smoothed_token_mean():
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])  # (N=3 tokens, V=3)
+    targets = torch.tensor([1, 1, -100])  # the third is ignored
+    expected = (_ce_smoothed([1.0, 0.0, 0.0], [0, 1, 0]) + _ce_smoothed([0.0, 2.0, 0.0], [0, 1, 0])) / 2
+    assert abs(losses.itg_loss(logits, targets).item() - expected) < 1e-6

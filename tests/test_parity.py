@@ -11,7 +11,12 @@ import blip2
 from hf_models import (LLAMA_GQA, NUM_QUERY, OPT, T5_UNTIED, blip2_hf, instructblip_hf, pixels, retrieval_hf,
                        text_ids, with_placeholders)
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 CASES = {
     "blip2-opt": lambda: blip2_hf(OPT),

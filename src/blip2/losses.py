@@ -81,15 +81,14 @@ def itm_loss(itm_logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(itm_logits.float(), labels)
 
 
-def itg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy with label smoothing 0.1: logits[:, t] predicts labels[:, t+1]; -100 ignored.
+def itg_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with label smoothing 0.1 of aligned predictions: logits [N, V] for targets [N] (the caller
+    shifts: hidden state t predicts token t+1, and drops ignored positions before the vocabulary projection).
 
     Averaged over the tokens of the GLOBAL batch (the token count is summed across ranks and this rank's sum
     scaled by the world size, so that DDP's gradient averaging gives exactly the one-process gradient)."""
-    logits = logits[:, :-1].float()  # (B, T-1, V)
-    target = labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                            label_smoothing=LABEL_SMOOTHING, reduction="sum")
-    n_local = (target != -100).sum()
+    total = F.cross_entropy(logits.float(), targets, ignore_index=-100, label_smoothing=LABEL_SMOOTHING,
+                            reduction="sum")
+    n_local = (targets != -100).sum()
     n_global = dist.all_reduce_sum(n_local.detach().float())
     return total * dist.world_size() / n_global.clamp(min=1)

@@ -79,13 +79,17 @@ class MultiHeadAttention(nn.Module):
         B, L, C = x.shape
         return x.view(B, L, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, L, hs)
 
+    def project_kv(self, src: torch.Tensor) -> KV:
+        """Keys and values [B, nh, M, hs] of `src` [B, M, D]."""
+        return self._split(self.key(src)), self._split(self.value(src))
+
     def forward(self, x: torch.Tensor, kv_input: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                past: KV | None = None) -> tuple[torch.Tensor, KV]:
+                past: KV | None = None, kv: KV | None = None) -> tuple[torch.Tensor, KV]:
         """x [B, N, H]; kv_input (cross-attention) [B, M, Dkv], else x; mask [B, 1|nh, N, P+N] bool; past: cached
-        self-attention keys/values [B, nh, P, hs]. Returns the output and this call's full (k, v)."""
-        src = x if kv_input is None else kv_input
+        self-attention keys/values [B, nh, P, hs]; kv: precomputed cross-attention keys/values. Returns the
+        output and this call's full (k, v)."""
         q = self._split(self.query(x))
-        k, v = self._split(self.key(src)), self._split(self.value(src))
+        k, v = kv if kv is not None else self.project_kv(x if kv_input is None else kv_input)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -116,16 +120,16 @@ class QFormerLayer(nn.Module):
         self.ffn_text = FeedForward(cfg) if cfg.use_text else None
 
     def forward(self, x: torch.Tensor, num_query: int, mask: torch.Tensor | None, image: torch.Tensor | None,
-                image_mask: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
+                image_mask: torch.Tensor | None, past: KV | None, image_kv: KV | None = None) -> tuple[torch.Tensor, KV]:
         """x [B, Nq+Nt, H] with the first `num_query` positions being queries."""
         x, kv = self.attention(x, mask=mask, past=past)
         parts = []
         if num_query > 0:
             q = x[:, :num_query]
             if self.crossattention is not None:
-                if image is None:
+                if image is None and image_kv is None:
                     raise ValueError("the Q-Former's cross-attention layers need image features")
-                q, _ = self.crossattention(q, kv_input=image, mask=image_mask)
+                q, _ = self.crossattention(q, kv_input=image, mask=image_mask, kv=image_kv)
             parts.append(self.ffn_query(q))
         if x.shape[1] > num_query:
             if self.ffn_text is None:
@@ -209,15 +213,24 @@ class QFormer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def image_kv(self, image_embeds: torch.Tensor) -> list[KV | None]:
+        """The image's cross-attention keys/values for every layer (None where a layer has none): computed once,
+        they serve every pass over the same images (stage 1 runs them through the ITC and the ITM passes)."""
+        image_embeds = image_embeds.to(self.embeddings.layernorm.weight.dtype)
+        return [layer.crossattention.project_kv(image_embeds) if layer.crossattention is not None else None
+                for layer in self.layers]
+
     def forward(self, image_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, mode: str = "itm", with_queries: bool = True,
                 past: list[KV] | None = None, past_text_len: int = 0, image_mask: torch.Tensor | None = None,
-                use_cache: bool = False, query_embeds: torch.Tensor | None = None) -> QFormerOutput:
+                use_cache: bool = False, query_embeds: torch.Tensor | None = None,
+                image_kv: list[KV | None] | None = None) -> QFormerOutput:
         """Run the Q-Former over [queries ; text].
 
         image_embeds [B, M, Dv]: image features (needed when queries are in the call).
         input_ids / text_mask [B, T]: text (optional). mode: which mask joins queries and text ("itm", "itc",
-        "itg"). with_queries=False runs the text alone (ITC's text pass). past: a cache from an earlier call
+        "itg"). image_kv: precomputed `image_kv(image_embeds)` instead of image_embeds.
+        with_queries=False runs the text alone (ITC's text pass). past: a cache from an earlier call
         whose first positions were the queries (then this call holds text only and `past_text_len` text tokens
         are already in the cache): this is how ITG and Q-Former captioning reuse the queries' keys/values.
         """
@@ -225,8 +238,12 @@ class QFormer(nn.Module):
             raise ValueError(f"unknown Q-Former mask mode {mode!r}; expected one of {sorted(MASKS)}")
         Q = self.num_query
         has_q_now = with_queries and past is None
-        ref = image_embeds if image_embeds is not None else input_ids
-        B = ref.shape[0]
+        if image_embeds is not None:
+            B = image_embeds.shape[0]
+        elif image_kv is not None:
+            B = next(kv[0].shape[0] for kv in image_kv if kv is not None)
+        else:
+            B = input_ids.shape[0]
         queries = None
         if has_q_now:
             queries = self.query_tokens.expand(B, -1, -1) if query_embeds is None else query_embeds
@@ -256,11 +273,12 @@ class QFormer(nn.Module):
         cache = [] if use_cache else None
         for i, layer in enumerate(self.layers):
             lp = past[i] if past is not None else None
+            ikv = image_kv[i] if image_kv is not None else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x, kv = torch.utils.checkpoint.checkpoint(layer, x, num_query_now, mask, image_embeds, img_mask, lp,
-                                                          use_reentrant=False)
+                                                          ikv, use_reentrant=False)
             else:
-                x, kv = layer(x, num_query_now, mask, image_embeds, img_mask, lp)
+                x, kv = layer(x, num_query_now, mask, image_embeds, img_mask, lp, ikv)
             if use_cache:
                 cache.append(kv)
         return QFormerOutput(

@@ -45,7 +45,8 @@ def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, at
 
     # --- image side: frozen encoder, then the queries alone (ITC); the cache feeds ITG
     image = model.encode_image(pixel_values)  # (B, M, Dv)
-    q_out = qf(image, use_cache=True)
+    image_kv = qf.image_kv(image)  # cross-attention keys/values, shared by the ITC and ITM passes
+    q_out = qf(image_kv=image_kv, use_cache=True)
     image_feats = F.normalize(model.vision_proj(q_out.query_output), dim=-1)  # (B, Q, D)
 
     # --- text side alone (ITC)
@@ -65,8 +66,13 @@ def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, at
     neg_t, neg_i = neg_text[rows], neg_image[rows]
     itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_t]], dim=0)  # (3B, T)
     itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_t]], dim=0)
-    itm_image = torch.cat([image, image_all[neg_i], image], dim=0)  # (3B, M, Dv)
-    m_out = qf(itm_image, input_ids=itm_ids, text_mask=itm_mask, mode="itm")
+    if dist.world_size() == 1:  # negatives are local images: reuse their keys/values
+        neg_kv = [None if kv is None else (kv[0][neg_i], kv[1][neg_i]) for kv in image_kv]
+    else:
+        neg_kv = qf.image_kv(image_all[neg_i])
+    itm_kv = [None if kv is None else (torch.cat([kv[0], nk[0], kv[0]]), torch.cat([kv[1], nk[1], kv[1]]))
+              for kv, nk in zip(image_kv, neg_kv)]  # rows: (pos, pos), (pos, neg image), (neg text, pos)
+    m_out = qf(image_kv=itm_kv, input_ids=itm_ids, text_mask=itm_mask, mode="itm")
     itm_logits = model.itm_head(m_out.query_output).mean(dim=1)  # (3B, 2)
     itm = losses.itm_loss(itm_logits)
 
@@ -75,7 +81,9 @@ def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, at
     dec_ids[:, 0] = decoder_token_id(model)
     labels = dec_ids.masked_fill(attention_mask == 0, -100)
     g_out = qf(None, input_ids=dec_ids, text_mask=attention_mask, mode="itg", past=q_out.cache)
-    itg = losses.itg_loss(qf.lm_logits(g_out.text_output), labels)
+    hidden, target = g_out.text_output[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    keep = target != -100  # the vocabulary projection only where there is a target
+    itg = losses.itg_loss(qf.lm_logits(hidden[keep]), target[keep])
 
     return {"itc_loss": itc, "itm_loss": itm, "itg_loss": itg, "loss": itc + itm + itg}
 
