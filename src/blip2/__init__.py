@@ -11,9 +11,24 @@ __version__ = "0.1.0"
 from .config import Blip2Config, ConfigError, LLMConfig, PRESETS, QFormerConfig, VisionConfig  # noqa: E402
 
 
-def load(path, dtype=None, device=None, config=None):
-    """Load a checkpoint directory in the transformers format (Blip2ForConditionalGeneration,
-    Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration)."""
+def load(path, dtype=None, device=None, config=None, vit=None, llm=None):
+    """Load a checkpoint.
+
+    - a directory in the transformers format (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
+      InstructBlipForConditionalGeneration);
+    - a LAVIS `.pth` file: `config` (a preset name, a Blip2Config or a transformers-style config.json path)
+      describes the architecture; `vit` (an eva_vit_g.pth-style file) and `llm` (a transformers directory) supply
+      the frozen towers the file does not hold (see blip2.convert_lavis.load_lavis).
+    """
+    from pathlib import Path
+
+    if Path(path).suffix in (".pth", ".pt"):
+        from .convert_lavis import load_lavis
+
+        if config is None:
+            raise ConfigError(f"{path}: a LAVIS checkpoint holds no architecture; pass config= (a preset name, "
+                              f"e.g. 'blip2-itm-vit-g', or a config.json path)")
+        return load_lavis(path, config, vit=vit, llm=llm, dtype=dtype, device=device)
     from .checkpoint import load_pretrained
 
     return load_pretrained(path, dtype=dtype, device=device)
