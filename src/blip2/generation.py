@@ -6,7 +6,9 @@ with a left-padded `attention_mask` [B, L]. `generate` below returns exactly the
 multinomial sampling (same seed -> same ids), beam search and beam sampling, with repetition penalty,
 min/max new tokens and EOS stopping. It is faster because everything transformers re-derives every step
 (processor lists, stopping criteria, kwargs bookkeeping, input preparation, cache lookup) is computed once
-here, and each processor is a couple of tensor ops.
+here, each processor is a couple of tensor ops, and per-step work the LM itself would repeat is done once
+where the result is provably the same: the 4D decode mask (OPT/Llama with SDPA), T5's cross-attention mask,
+and (checked at run time) the beam reorder of a cross-attention cache whose beams are identical.
 
 Exactness comes from feeding the LM the very same forward arguments transformers feeds it (same batch
 expansion, positions, mask, cache class, `logits_to_keep=1`) and from doing the same floating-point ops in
@@ -24,8 +26,11 @@ Quirks of transformers 5.24 that are replicated on purpose, because the ids depe
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +144,24 @@ def _special_tokens(lm, cfg: GenerationConfig, encoder_decoder: bool):
     return eos, pad, start
 
 
+# Logits processors `lm.generate` would also take from `lm.generation_config` (e.g. a hub
+# generation_config.json) but this loop does not implement, with their "off" values.
+_NOT_IMPLEMENTED = {"no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+                    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+                    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+                    "encoder_repetition_penalty": 1.0, "renormalize_logits": False, "remove_invalid_values": False,
+                    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "top_h": None,
+                    "guidance_scale": 1.0}
+
+
+def _warn_not_implemented(lm) -> None:
+    gc = getattr(lm, "generation_config", None)
+    set_ = [k for k, off in _NOT_IMPLEMENTED.items() if getattr(gc, k, None) not in (None, off)]
+    if set_:
+        warnings.warn(f"generate: lm.generation_config sets {set_}, which lm.generate would apply but this "
+                      "decoding loop does not; its ids can differ from lm.generate's", stacklevel=3)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Running the LM: one prefill, then one token per step with a KV cache
 
@@ -147,11 +170,35 @@ def _forward_params(lm) -> set[str]:
     return set(inspect.signature(lm.forward).parameters)
 
 
+_EMPTY_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> (its config, empty cache)
+
+
 def _new_dynamic_cache(lm):
-    # Same cache class and construction as transformers' generate (layer types come from the config).
+    """An empty cache laid out like the one transformers' generate makes (`DynamicCache(config=...)`: layer
+    types, e.g. sliding windows, come from the config). Built once per model and copied: building it
+    deep-copies encoder-decoder configs, which costs more than a short generation step."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=lm.config.get_text_config(decoder=True))
+    config, empty = _EMPTY_CACHES.get(lm, (None, None))
+    if config is not lm.config:
+        config, empty = lm.config, DynamicCache(config=lm.config.get_text_config(decoder=True))
+        _EMPTY_CACHES[lm] = (config, empty)
+    return copy.deepcopy(empty)
+
+
+# Model types whose decoder builds its mask with transformers' `create_causal_mask`, which passes a 4D mask
+# through unchanged (checked for transformers 5.x). Other models get the 2D mask, as transformers gives them.
+_PASSES_4D_MASK = ("opt", "llama")
+
+
+def _decode_mask_is_padding_only(lm, cache) -> bool:
+    """True when the model can take a precomputed 4D SDPA mask for decode steps and would build the same one:
+    SDPA attention, full (not sliding / linear) attention in every layer, a model type known to accept it."""
+    cfg = lm.config.get_text_config(decoder=True)
+    return (getattr(cfg, "model_type", None) in _PASSES_4D_MASK
+            and getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and len(cache.layers) > 0
+            and not any(cache.is_sliding) and not any(cache.is_linear))
 
 
 class _CausalLMRunner:
@@ -177,12 +224,16 @@ class _CausalLMRunner:
             self.step_pos = self.position_ids[:, -1:] + steps
         # transformers drops an all-ones mask (no padding); otherwise the mask grows by one 1 per step:
         # precompute it once and slice [N, L + t] instead of concatenating every step.
+        self.cache = _new_dynamic_cache(lm)
         if mask is None or bool((mask == 1).all()):
-            self.prefill_mask = self.full_mask = None
+            self.prefill_mask = self.step_mask = None
         else:
             self.prefill_mask = mask
-            self.full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new)], 1)
-        self.cache = _new_dynamic_cache(lm)
+            self.step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new)], 1)  # [N, L + max_new]
+            if _decode_mask_is_padding_only(lm, self.cache):
+                # Skip the model's per-step mask construction: with one query token the 4D boolean mask it
+                # would build for SDPA is the padding row itself, [N, 1, 1, kv]; sliced per step below.
+                self.step_mask = self.step_mask.bool()[:, None, None, :]
         self.kwargs = {"use_cache": True, "return_dict": True}
         self.kwargs["cache" if "cache" in params else "past_key_values"] = self.cache
         if "logits_to_keep" in params:
@@ -197,7 +248,7 @@ class _CausalLMRunner:
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """Logits [N, V] after feeding `tokens` [N], the t-th generated token (1-based)."""
-        mask = self.full_mask[:, : self.L + t] if self.full_mask is not None else None
+        mask = self.step_mask[..., : self.L + t] if self.step_mask is not None else None
         if self.position_ids is None:
             out = self.lm(input_ids=tokens[:, None], attention_mask=mask, **self.kwargs)
         else:
@@ -217,28 +268,59 @@ class _Seq2SeqRunner:
         from transformers.modeling_outputs import BaseModelOutput
 
         params = _forward_params(lm)
-        self.lm = lm
+        self.lm, self.expand = lm, expand
         hidden = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
         if expand > 1:
-            hidden = hidden.repeat_interleave(expand, 0)
+            hidden = hidden.repeat_interleave(expand, 0)  # [N, S, D]
             mask = mask.repeat_interleave(expand, 0) if mask is not None else None
         self.cache = EncoderDecoderCache(_new_dynamic_cache(lm), _new_dynamic_cache(lm))
-        self.kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden), "attention_mask": mask,
+        self.kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
+                       "attention_mask": _cross_attention_mask(lm, hidden, mask),
                        "use_cache": True, "return_dict": True}
         self.kwargs["cache" if "cache" in params else "past_key_values"] = self.cache
         if "logits_to_keep" in params:
             self.kwargs["logits_to_keep"] = 1
         self.start = torch.full((hidden.shape[0],), start_id, dtype=torch.long, device=hidden.device)
+        self.cross_rows_equal = False
 
     def prefill(self) -> torch.Tensor:
-        return self.step(self.start, 0)
+        logits = self.step(self.start, 0)
+        # The cross-attention cache (filled by this first step) is the same for the `expand` rows of a batch
+        # item when they come out of the projections bit-identical; beam reorders stay within a batch item, so
+        # they leave it unchanged and can be skipped. Checked, not assumed.
+        if self.expand > 1:
+            layers = self.cache.cross_attention_cache.layers
+            self.cross_rows_equal = all(_rows_repeat(x, self.expand) for layer in layers
+                                        for x in (layer.keys, layer.values))
+        return logits
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         out = self.lm(decoder_input_ids=tokens[:, None], **self.kwargs)
         return out.logits[:, -1].float()
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.cache.reorder_cache(rows)
+        (self.cache.self_attention_cache if self.cross_rows_equal else self.cache).reorder_cache(rows)
+
+
+def _rows_repeat(x: torch.Tensor | None, n: int) -> bool:
+    """Is x [N, ...] made of groups of n bit-identical consecutive rows?"""
+    if x is None:
+        return False
+    g = x.view(x.shape[0] // n, n, *x.shape[1:])
+    return torch.equal(g, g[:, :1].expand_as(g))
+
+
+def _cross_attention_mask(lm, hidden: torch.Tensor, mask: torch.Tensor | None):
+    """T5 turns the 2D encoder mask into the same 4D cross-attention mask at every step (one query token); build
+    it once with the model's own function (which passes a 4D mask through unchanged). Other models: 2D mask."""
+    if mask is None or getattr(lm.config, "model_type", None) != "t5":
+        return mask
+    from transformers.masking_utils import create_bidirectional_mask
+
+    query = hidden.new_empty(hidden.shape[0], 1, hidden.shape[2])  # only its shape / dtype / device are read
+    mask4d = create_bidirectional_mask(config=lm.get_decoder().config, inputs_embeds=query, attention_mask=mask,
+                                       encoder_hidden_states=hidden)
+    return mask4d if isinstance(mask4d, torch.Tensor) and mask4d.dim() == 4 else mask
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -439,6 +521,7 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
         raise ValueError("generate: input_ids / position_ids apply to decoder-only LMs; an encoder-decoder LM "
                          "takes only inputs_embeds and attention_mask")
     eos, pad, start = _special_tokens(lm, cfg, enc_dec)
+    _warn_not_implemented(lm)
     expand = max(cfg.num_beams, cfg.num_return_sequences)
     dev = inputs_embeds.device
 
@@ -460,7 +543,9 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
             min_keep = 1
         scores_fn = _Scores(cfg, eos, prompt_ids, ignore_len, min_keep)
         if cfg.num_beams == 1:
-            return _greedy_or_sample(runner, scores_fn, cfg, eos, pad)
-        # transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 counts as unset), -1 without EOS
-        fill = (pad if pad else eos[0]) if eos is not None else -1
-        return _beam_search(runner, scores_fn, cfg, B, eos, fill)
+            ids = _greedy_or_sample(runner, scores_fn, cfg, eos, pad)
+        else:
+            # transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 counts as unset), -1 without EOS
+            fill = (pad if pad else eos[0]) if eos is not None else -1
+            ids = _beam_search(runner, scores_fn, cfg, B, eos, fill)
+    return ids.clone()  # a normal tensor: inference-mode tensors refuse in-place updates outside the mode
