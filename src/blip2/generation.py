@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GenerationConfig", "generate"]
+__all__ = ["GenerationConfig", "generate", "decode"]
 
 _NEG = -1.0e9  # transformers' "impossible" beam score; finite so that sums of it stay comparable
 
@@ -537,15 +537,23 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
                           else torch.empty(B * expand, 0, dtype=torch.long, device=dev))
             mask = runner.prefill_mask  # None when there is no padding
             ignore_len = (mask != 0).int().argmax(dim=1) if mask is not None else None
-        if cfg.num_beams > 1:
-            min_keep = 1 + (len(eos) if eos is not None else 1)
-        else:
-            min_keep = 1
-        scores_fn = _Scores(cfg, eos, prompt_ids, ignore_len, min_keep)
-        if cfg.num_beams == 1:
-            ids = _greedy_or_sample(runner, scores_fn, cfg, eos, pad)
-        else:
-            # transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 counts as unset), -1 without EOS
-            fill = (pad if pad else eos[0]) if eos is not None else -1
-            ids = _beam_search(runner, scores_fn, cfg, B, eos, fill)
+        ids = decode(runner, B, cfg, eos, pad, prompt_ids, ignore_len)
     return ids.clone()  # a normal tensor: inference-mode tensors refuse in-place updates outside the mode
+
+
+def decode(runner, batch_size: int, cfg: GenerationConfig, eos: list[int] | None, pad: int,
+           history: torch.Tensor, ignore_len: torch.Tensor | None = None) -> torch.LongTensor:
+    """The search (greedy, sampling or beam) over any runner: an object with `prefill() -> logits [N, V]`,
+    `step(tokens [N], t) -> logits [N, V]` and `reorder(rows [N])`, whose N = batch_size * max(num_beams,
+    num_return_sequences) rows are already expanded. history [N, P]: the ids the repetition penalty sees
+    before the first new token; ignore_len [N]: leading history positions it skips (left padding)."""
+    if cfg.num_beams > 1:
+        min_keep = 1 + (len(eos) if eos is not None else 1)
+    else:
+        min_keep = 1
+    scores_fn = _Scores(cfg, eos, history, ignore_len, min_keep)
+    if cfg.num_beams == 1:
+        return _greedy_or_sample(runner, scores_fn, cfg, eos, pad)
+    # transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 counts as unset), -1 without EOS
+    fill = (pad if pad else eos[0]) if eos is not None else -1
+    return _beam_search(runner, scores_fn, cfg, batch_size, eos, fill)

@@ -308,6 +308,10 @@ class Blip2Model(nn.Module):
 
     def caption(self, images, prompt: str | None = None, **generation) -> list[str]:
         """Captions for a list of images (PIL, paths or a pixel tensor); `prompt` e.g. "a photo of"."""
+        if self.llm is None:  # a stage-1 / retrieval model: the Q-Former itself decodes (ITG)
+            from .qformer_caption import qformer_generate
+
+            return self._need_processor().decode(qformer_generate(self, self._pixels(images), **generation))
         n = _batch_len(images)
         prompts = [prompt] * n if prompt else None
         if prompts is None and self.cfg.is_encoder_decoder:
