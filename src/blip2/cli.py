@@ -86,6 +86,17 @@ def cmd_demo(a) -> None:
     run_demo(Path(a.output))
 
 
+def cmd_train(a) -> None:
+    """Train stage 1, stage 2 or InstructBLIP from a YAML run config; key=value pairs override it
+    (e.g. `max_steps=20 optim.lr=3e-4 resume=true`). Works in one process and under torchrun."""
+    from .train.config import load_run_config
+    from .train.loop import train
+
+    cfg = load_run_config(a.config, a.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary))
+
+
 def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=max_new)
@@ -135,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info)
     p.add_argument("model", help="checkpoint directory")
     p.add_argument("--json", action="store_true")
+    p = add("train", cmd_train)
+    p.add_argument("config", help="run config (YAML), e.g. configs/tiny/stage1.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
     p = add("demo", cmd_demo)
     p.add_argument("--output", default="runs/demo", help="where the tiny checkpoint is written")
     return ap

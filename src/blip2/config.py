@@ -368,6 +368,11 @@ _VICUNA = {"model_type": "llama", "hidden_act": "silu", "max_position_embeddings
            "tie_word_embeddings": False}
 _QFORMER_DEC = {"vocab_size": 30523}  # BERT + [DEC]
 
+_TINY_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                "mlp_hidden_size": 64}
+_TINY_QFORMER = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "num_query_tokens": 4,
+                 "vocab_size": 100, "max_position_embeddings": 64, "initializer_range": 0.1}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "blip2-opt-2.7b": {
         "architecture": "blip2", "vision": EVA_G, "image_token_index": 50265,
@@ -413,6 +418,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                               "num_heads": 64}},
     },
     # Small configurations for tests and demos (random weights, seconds on a CPU).
+    "tiny-stage1": {
+        "architecture": "blip2-retrieval", "stage1_heads": True, "llm": None, "image_text_hidden_size": 32,
+        "vision": _TINY_VISION,
+        "qformer": {**_TINY_QFORMER, "use_text": True, "lm_head": True},
+    },
+    "tiny-t5": {
+        "architecture": "blip2", "vision": _TINY_VISION, "qformer": _TINY_QFORMER,
+        "llm": {"hf_config": {**_T5, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
+                              "num_heads": 4, "vocab_size": 128}},
+    },
+    "tiny-llama-instruct": {
+        "architecture": "instructblip", "vision": _TINY_VISION, "qformer": _TINY_QFORMER,
+        "llm": {"hf_config": {**_VICUNA, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+                              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                              "max_position_embeddings": 256}},
+    },
     "tiny-opt": {
         "architecture": "blip2",
         "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 4,

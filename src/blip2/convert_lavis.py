@@ -536,3 +536,26 @@ def save_lavis(model, path: str | Path, architecture: str | None = None) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_vit_weights(model, path: str | Path) -> list[str]:
+    """Load an eva_vit_g.pth-style file into `model.vision` (blocks past the configured depth dropped, the
+    position table resized to the configured image size). Returns the dropped keys."""
+    vit_lavis, dropped = _read_vit(path, model.cfg.vision.num_layers)
+    vit_ours, unknown, _ = _translate(vit_lavis)
+    if unknown:
+        raise CheckpointError(f"ViT weights {path}: keys with no place in the EVA ViT: {_short(unknown)}")
+    pe = vit_ours.get("vision.pos_embed")
+    if pe is not None and pe.shape[1] != model.cfg.vision.num_patches + 1:
+        vit_ours["vision.pos_embed"] = _resize_pos_embed(pe, model.cfg.vision.num_patches)
+    own = model.state_dict()
+    bad = [f"{k}: {list(v.shape)} vs {list(own[k].shape)}" for k, v in vit_ours.items() if k in own
+           and tuple(v.shape) != tuple(own[k].shape)]
+    missing = sorted(k for k in own if k.startswith("vision.") and k not in vit_ours)
+    if bad or missing:
+        raise CheckpointError(f"ViT weights {path} do not fit the vision config: "
+                              f"{_short(bad) if bad else 'missing ' + _short(missing)}")
+    with torch.no_grad():
+        for k, v in vit_ours.items():
+            own[k].copy_(v)
+    return dropped

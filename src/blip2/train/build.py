@@ -1,0 +1,175 @@
+"""Build the model and its processor for a run from the `model` section of a run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Blip2Config, VisionConfig
+from ..model import Blip2Model
+from ..processing import ImageProcessor, Processor
+from .config import RunConfig, RunConfigError
+
+_ARCH_FOR_STAGE = {"stage1": ("blip2-retrieval",), "stage2": ("blip2", "instructblip"), "instruct": ("instructblip",)}
+
+
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise RunConfigError(f"cannot load the tokenizer at {path}: {str(e).splitlines()[0]}") from None
+
+
+def _tiny_llm_tokenizer(model_type: str, directory: Path):
+    from ..tiny import make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer
+
+    make = {"opt": make_gpt2_tokenizer, "llama": make_llama_tokenizer, "t5": make_t5_tokenizer}.get(model_type)
+    if make is None:
+        raise RunConfigError(f"model.tiny_tokenizers: no tiny tokenizer for LLM type {model_type!r}")
+    return _tokenizer(str(make(directory, vocab_size=400)))
+
+
+def _tiny_bert_tokenizer(directory: Path):
+    from ..tiny import make_bert_tokenizer
+
+    return _tokenizer(str(make_bert_tokenizer(directory)))
+
+
+def _preset_config(cfg: RunConfig) -> Blip2Config:
+    m = cfg.model
+    bcfg = Blip2Config.from_preset(m.preset)
+    d = bcfg.to_dict()
+    d["vision"].update(m.vision)
+    d["qformer"].update(m.qformer)
+    if m.llm:
+        if d["llm"] is None:
+            raise RunConfigError(f"model.llm: preset {m.preset!r} has no LLM")
+        d["llm"]["hf_config"].update(m.llm)
+    if cfg.stage == "stage1":
+        d.update(architecture="blip2-retrieval", llm=None, stage1_heads=True)
+        d["qformer"].update(use_text=True, lm_head=True)
+    return Blip2Config.from_dict(d)
+
+
+def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
+    """The model to train (with its processor attached), frozen parts frozen, in fp32."""
+    import blip2
+
+    m = cfg.model
+    tok_dir = Path(work_dir) / "tokenizers"
+    if cfg.stage == "stage1" and m.bert:
+        from ..stage1 import from_bert
+
+        model = from_bert(m.bert, vision=VisionConfig(**m.vision), image_size=cfg.data.image_size, **m.qformer)
+    elif m.init:
+        model = blip2.load(m.init, config=m.config, vit=m.vit_path)
+        if model.processor is None:
+            model.processor = _processor_from_paths(cfg, model.cfg, tok_dir)
+    else:
+        bcfg = _preset_config(cfg)
+        llm_tok, q_tok = _tokenizers(cfg, bcfg, tok_dir)
+        if bcfg.llm is not None and llm_tok is not None:
+            hf = bcfg.llm.hf_config
+            hf["vocab_size"] = max(int(hf.get("vocab_size", 0)), len(llm_tok))
+            for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+                v = getattr(llm_tok, k)
+                if v is not None:
+                    hf[k] = v
+            if bcfg.image_token_index is None or bcfg.image_token_index >= hf["vocab_size"]:
+                bcfg.image_token_index = (llm_tok.convert_tokens_to_ids("<image>")
+                                          if "<image>" in llm_tok.get_vocab() else None)
+        if q_tok is not None:
+            bcfg.qformer.vocab_size = max(bcfg.qformer.vocab_size, len(q_tok))
+            bcfg.qformer.bos_token_id = q_tok.bos_token_id
+        model = Blip2Model(bcfg)
+        size = cfg.data.image_size or bcfg.vision.image_size
+        if cfg.stage == "stage1":
+            model.processor = Processor(ImageProcessor(image_size=size), q_tok, padding_side="right")
+        else:
+            model.processor = Processor(ImageProcessor(image_size=size), llm_tok, q_tok,
+                                        padding_side="right" if bcfg.is_encoder_decoder else "left")
+    if m.llm_path:
+        _load_llm_weights(model, m.llm_path)
+    if m.qformer_init:
+        _copy_stage1(model, m.qformer_init)
+    if m.vit_path and not m.init:  # (a LAVIS init reads vit_path itself)
+        from ..convert_lavis import load_vit_weights
+
+        load_vit_weights(model, m.vit_path)
+    allowed = _ARCH_FOR_STAGE[cfg.stage]
+    if model.cfg.architecture not in allowed:
+        raise RunConfigError(f"stage {cfg.stage} trains a {' or '.join(allowed)} model, got "
+                             f"{model.cfg.architecture!r}")
+    model.set_trainable(vision=False, llm=False)
+    return model.float()
+
+
+def _tokenizers(cfg: RunConfig, bcfg: Blip2Config, tok_dir: Path):
+    m = cfg.model
+    llm_tok = q_tok = None
+    if bcfg.llm is not None:
+        if m.tokenizer:
+            llm_tok = _tokenizer(m.tokenizer)
+        elif m.tiny_tokenizers:
+            llm_tok = _tiny_llm_tokenizer(bcfg.llm.model_type, tok_dir / "llm")
+        else:
+            raise RunConfigError("model.tokenizer: give the LLM tokenizer directory (or tiny_tokenizers: true)")
+        if m.image_token and "<image>" not in llm_tok.get_vocab():
+            llm_tok.add_tokens(["<image>"], special_tokens=True)
+    if cfg.stage == "stage1" or bcfg.architecture == "instructblip":
+        if m.qformer_tokenizer:
+            q_tok = _tokenizer(m.qformer_tokenizer)
+        elif m.tiny_tokenizers:
+            q_tok = _tiny_bert_tokenizer(tok_dir / "bert")
+        else:
+            raise RunConfigError("model.qformer_tokenizer: give the BERT tokenizer directory (or tiny_tokenizers: true)")
+        if cfg.stage == "stage1" and q_tok.bos_token != "[DEC]":
+            q_tok.add_special_tokens({"bos_token": "[DEC]"})
+    return llm_tok, q_tok
+
+
+def _processor_from_paths(cfg: RunConfig, bcfg: Blip2Config, tok_dir: Path):
+    llm_tok, q_tok = _tokenizers(cfg, bcfg, tok_dir)
+    size = cfg.data.image_size or bcfg.vision.image_size
+    tok = q_tok if cfg.stage == "stage1" else llm_tok
+    return Processor(ImageProcessor(image_size=size), tok, q_tok if cfg.stage != "stage1" else None,
+                     padding_side="right" if cfg.stage == "stage1" or bcfg.is_encoder_decoder else "left")
+
+
+def _copy_stage1(model: Blip2Model, path: str) -> None:
+    """Stage 2 starts from stage 1: copy the image encoder, ln_vision, the queries and the Q-Former weights that
+    the target has (BLIP-2 drops the text side; InstructBLIP keeps it)."""
+    import blip2
+
+    src = blip2.load(path).state_dict()
+    own = model.state_dict()
+    parts = ("vision.", "ln_vision.", "qformer.")
+    copied = 0
+    with torch.no_grad():
+        for k, v in src.items():
+            if k.startswith(parts) and k in own:
+                if tuple(v.shape) != tuple(own[k].shape):
+                    raise RunConfigError(f"model.qformer_init {path}: {k} has shape {list(v.shape)}, "
+                                         f"the model {list(own[k].shape)}")
+                own[k].copy_(v)
+                copied += 1
+    if not copied:
+        raise RunConfigError(f"model.qformer_init {path}: no Q-Former weights to copy")
+
+
+def _load_llm_weights(model: Blip2Model, path: str) -> None:
+    """Pretrained LLM weights from a transformers directory (its own keys, no `language_model.` prefix)."""
+    from ..checkpoint import read_weights
+
+    state = read_weights(path)
+    missing, unexpected = model.llm.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.llm.named_parameters(remove_duplicate=False)} - {n for n, _ in model.llm.named_parameters()}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RunConfigError(f"model.llm_path {path}: weights do not match the LLM "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+

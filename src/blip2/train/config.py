@@ -1,0 +1,213 @@
+"""Run configs: YAML files validated into dataclasses, `key=value` overrides, the resolved config saved.
+
+An unknown or ill-typed key is an error that names the key (dotted) and the allowed keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("stage1", "stage2", "instruct")
+
+
+class RunConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    """Which model to train. One of: `preset` (random weights, e.g. "tiny-opt"), `init` (a checkpoint directory,
+    a LAVIS .pth with `config`, or a run's exported model), or for stage 1 `bert` (the Q-Former from a BERT
+    checkpoint) with `vision`. `llm_path` loads pretrained LLM weights (a transformers directory) into the
+    model's LLM; `tokenizer` / `qformer_tokenizer` are tokenizer directories. `tiny_tokenizers: true` trains
+    small tokenizers on the fly (for the tiny configs that need no files)."""
+
+    preset: str | None = None
+    init: str | None = None
+    config: str | None = None  # architecture for a LAVIS .pth init
+    bert: str | None = None
+    vision: dict = field(default_factory=dict)  # VisionConfig fields
+    qformer: dict = field(default_factory=dict)  # QFormerConfig fields
+    llm: dict = field(default_factory=dict)  # LLM hf_config fields (merged into the preset's)
+    llm_path: str | None = None
+    vit_path: str | None = None  # frozen encoder weights (eva_vit_g.pth style)
+    qformer_init: str | None = None  # a stage-1 result: its Q-Former, queries, ln_vision (and ViT) are copied
+    tokenizer: str | None = None
+    qformer_tokenizer: str | None = None
+    tiny_tokenizers: bool = False
+    image_token: bool = True  # add an image placeholder token to the LLM tokenizer (transformers >= 4.47)
+
+
+@dataclass
+class DataSection:
+    """Training data: `train` is an annotation file (.json / .jsonl), a list of them, or webdataset shards
+    ("dir/{000..009}.tar"); `mixture` lists instruction-tuning datasets instead."""
+
+    train: Any = None
+    image_root: str | None = None
+    val: Any = None
+    val_image_root: str | None = None
+    task: str = "caption"  # caption | vqa: how `train` is read
+    mixture: list = field(default_factory=list)  # [{name, path, task, weight?, image_root?}]
+    held_out: list = field(default_factory=list)  # dataset names kept out of training (zero-shot evaluation)
+    batch_size: int = 8
+    num_workers: int = 0
+    image_size: int | None = None  # default: the vision tower's
+    augment: bool = True
+    prompt: str | None = None  # stage 2: text in front of the caption (e.g. "a photo of")
+    max_text_len: int = 32
+    feature_cache: str | None = None  # a directory written by `blip2 cache-features`
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    grad_accum: int = 1
+    clip_grad: float | None = 1.0
+
+
+@dataclass
+class RunConfig:
+    stage: str = "stage1"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    output_dir: str = "runs/train"
+    max_steps: int = 100
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    resume: bool = False
+    log_every: int = 1
+    val_every: int = 0
+    val_max_samples: int = 256
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen LLM across processes (when it does not fit one device)
+    max_bad_steps: int = 10  # NaN/inf losses in a row before giving up
+    device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
+    tensorboard: bool = True
+    plots: bool = True
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise RunConfigError(f"stage: must be one of {STAGES}, got {self.stage!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise RunConfigError(f"precision: must be auto|fp32|bf16|fp16, got {self.precision!r}")
+        for k in ("max_steps", "keep_last"):
+            if getattr(self, k) < 1:
+                raise RunConfigError(f"{k}: must be >= 1, got {getattr(self, k)}")
+        if self.optim.grad_accum < 1:
+            raise RunConfigError("optim.grad_accum: must be >= 1")
+        if self.data.batch_size < 1:
+            raise RunConfigError("data.batch_size: must be >= 1")
+        m = self.model
+        if not (m.preset or m.init or m.bert):
+            raise RunConfigError("model: give one of model.preset, model.init or model.bert")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, tp)
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise RunConfigError(f"unknown key {where!r}; allowed keys{' in ' + prefix[:-1] if prefix else ''}: "
+                                 f"{sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, where + ".")
+            continue
+        if not _type_ok(value, tp):
+            raise RunConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        kwargs[key] = float(value) if tp is float and isinstance(value, int) else value
+    try:
+        return cls(**kwargs)
+    except RunConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["optim.lr=3e-4", "max_steps=10"] -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise RunConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RunConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RunConfigError(f"{p}: no such config file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = _merge(data, parse_overrides(list(overrides)))
+    return _build(RunConfig, data, "")
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

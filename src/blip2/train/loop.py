@@ -1,0 +1,292 @@
+"""`blip2 train`: the training loop, visible in one function (`train`).
+
+Stage 1 (ITC + ITM + ITG), stage 2 (LM loss through the frozen LLM) and instruction tuning share it: each stage
+is a small objective returning named losses. One plain process, or `torchrun` with DDP (gloo on CPU, NCCL on
+GPU). Per-step warmup + cosine, gradient accumulation, clipping, bf16/fp16 autocast on GPU with fp32 master
+weights, atomic checkpoints with exact resume, NaN/inf steps skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .build import build_model
+from .config import RunConfig, save_run_config
+from .optim import build_optimizer, lr_at
+from .state import latest_checkpoint, load_training_state, save_training_state
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+class Objective(torch.nn.Module):
+    """The stage's loss as a module, so DDP sees a forward: batch -> {"loss", named losses...}."""
+
+    def __init__(self, model, stage: str):
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        if self.stage == "stage1":
+            return self.model.losses(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                     image_ids=batch.get("image_ids"), generator=generator)
+        keys = ("pixel_values", "input_ids", "attention_mask", "labels", "qformer_input_ids",
+                "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask")
+        out = self.model(**{k: batch[k] for k in keys if k in batch})
+        return {"lm_loss": out.loss, "loss": out.loss}
+
+
+def _setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.device:
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _amp(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a grad scaler). Reduced precision only on GPUs: on CPU fp32."""
+    p = cfg.precision
+    if device.type != "cuda" or p == "fp32":
+        return None, False
+    if p == "auto":
+        p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return (torch.bfloat16, False) if p == "bf16" else (torch.float16, True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: RunConfig) -> dict:
+    from .pipeline import build_train_data
+
+    rank, world, device = _setup_distributed(cfg)
+    out_dir = Path(cfg.output_dir)
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, out_dir / "config.yaml")
+    _seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
+
+    model = build_model(cfg, out_dir / ("work" if is_main else f"work-rank{rank}"))
+    amp_dtype, use_scaler = _amp(cfg, device)
+    if amp_dtype is not None:  # frozen towers in reduced precision; trainable weights stay fp32 (master)
+        model.vision.to(amp_dtype)
+        if model.llm is not None:
+            model.llm.to(amp_dtype)
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.train()
+    objective = Objective(model, cfg.stage)
+    if cfg.fsdp and world > 1 and model.llm is not None:
+        from .fsdp import shard_frozen_llm
+
+        shard_frozen_llm(model, device)
+    runner = objective
+    if world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    data = build_train_data(cfg, model, rank, world)
+
+    start, counters = 0, {"skipped_samples": 0, "bad_steps": 0, "samples": 0}
+    metrics_path = out_dir / "metrics.jsonl"
+    if cfg.resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is not None:
+            st = load_training_state(ckpt, model, optimizer, scaler)
+            start = st["step"]
+            counters.update(st["extra"]["counters"])
+            data.load_state_dict(st["extra"]["data"])
+            if is_main:
+                _truncate_metrics(metrics_path, start)
+                print(f"resumed from {ckpt} (step {start})")
+    elif is_main and metrics_path.exists():
+        metrics_path.unlink()
+
+    writer = _tensorboard(out_dir) if is_main and cfg.tensorboard else None
+    bar = _progress(cfg, start) if is_main else None
+    o, bad_in_a_row, t_start = cfg.optim, 0, time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        lr = lr_at(step, o.lr, o.min_lr, o.warmup_steps, o.warmup_lr, cfg.max_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sums: dict[str, float] = {}
+        finite = True
+        t0 = time.perf_counter()
+        for micro in range(o.grad_accum):
+            batch = data.next_batch()
+            counters["skipped_samples"] += int(batch.pop("skipped", 0))
+            counters["samples"] += int(batch["pixel_values"].shape[0]) * world
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)  # same on every rank
+            sync = world == 1 or micro == o.grad_accum - 1
+            with (nullcontext() if sync else runner.no_sync()):
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                    out = runner(batch, gen)
+                loss = out["loss"]
+                ok = torch.tensor(float(torch.isfinite(loss).all()), device=device)
+                if world > 1:
+                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips together
+                if ok.item() < 1:
+                    finite = False
+                    break
+                scaled = loss / o.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / o.grad_accum
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            counters["bad_steps"] += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingAborted(f"{bad_in_a_row} steps in a row had a NaN/inf loss (last at step {step + 1}); "
+                                      f"lower optim.lr or check the data")
+            continue
+        bad_in_a_row = 0
+        if scaler:
+            scaler.unscale_(optimizer)
+        if o.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.clip_grad)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:  # log the global mean
+            vals = torch.tensor(list(sums.values()), device=device)
+            dist.all_reduce(vals)
+            sums = dict(zip(sums, (vals / world).tolist()))
+        if is_main:
+            row = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
+                   "step_time": round(time.perf_counter() - t0, 4)}
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, step + 1)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+            _save(cfg, out_dir, step + 1, model, optimizer, scaler, data, counters, is_main)
+        if cfg.val_every and (step + 1) % cfg.val_every == 0:
+            _validate(cfg, model, step + 1, out_dir, writer, is_main)
+    if bar is not None:
+        bar.close()
+
+    _save(cfg, out_dir, cfg.max_steps, model, optimizer, scaler, data, counters, is_main)
+    summary = {"steps": cfg.max_steps, **counters, "wall_time_s": round(time.perf_counter() - t_start, 2),
+               "world_size": world}
+    if is_main:
+        model.eval()
+        model.save_pretrained(out_dir / "model")  # the transformers format
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.plots:
+            _plot(metrics_path, out_dir / "loss.png")
+        if writer is not None:
+            writer.close()
+        if counters["skipped_samples"]:
+            print(f"skipped {counters['skipped_samples']} bad samples (see summary.json)")
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _save(cfg, out_dir, step, model, optimizer, scaler, data, counters, is_main) -> None:
+    if is_main:
+        save_training_state(out_dir, step, model, optimizer, scaler,
+                            {"counters": counters, "data": data.state_dict()}, cfg.keep_last)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _validate(cfg, model, step, out_dir, writer, is_main) -> None:
+    from .validate import validate
+
+    model.eval()
+    try:
+        result = validate(cfg, model)
+    finally:
+        model.train()
+    if is_main and result:
+        with (out_dir / "val.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **result}) + "\n")
+        if writer is not None:
+            for k, v in result.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"val/{k}", v, step)
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _progress(cfg: RunConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
+
+
+def _plot(metrics_path: Path, png: Path) -> None:
+    """Loss curves of every named loss against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k.endswith("loss")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        xs = [r["step"] for r in rows if k in r and math.isfinite(r[k])]
+        ax.plot(xs, [r[k] for r in rows if k in r and math.isfinite(r[k])], label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
