@@ -155,6 +155,7 @@ def _build(cls, data: dict, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, where + ".")
             continue
+        value = _numeric_string(value, tp)
         if not _type_ok(value, tp):
             raise RunConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         kwargs[key] = float(value) if tp is float and isinstance(value, int) else value
@@ -164,6 +165,16 @@ def _build(cls, data: dict, prefix: str):
         raise
     except (TypeError, ValueError) as e:
         raise RunConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _numeric_string(value, tp):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it where a float is expected."""
+    if isinstance(value, str) and _type_ok(1.5, tp) and not _type_ok(value, tp):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _type_name(tp) -> str:
@@ -178,6 +189,11 @@ def parse_overrides(items: list[str]) -> dict:
             raise RunConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") and value not in ("e", "E") else value
+            except ValueError:
+                pass
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
