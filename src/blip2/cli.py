@@ -97,6 +97,46 @@ def cmd_train(a) -> None:
     print(json.dumps(summary))
 
 
+def cmd_eval(a) -> None:
+    """Evaluate a checkpoint on a benchmark: captioning (BLEU, METEOR, ROUGE-L, CIDEr), VQA (VQAv2 accuracy / exact
+    match), image-text retrieval (recall@K) or multiple choice (likelihood ranking). Batched; under torchrun the
+    items are split across processes. Writes predictions.json, metrics.json and metrics.md to --output."""
+    from .evaluation import distributed_session, evaluate, markdown_report
+
+    gen = {k: v for k, v in (("num_beams", a.num_beams), ("max_new_tokens", a.max_new_tokens),
+                             ("min_new_tokens", a.min_new_tokens), ("length_penalty", a.length_penalty),
+                             ("repetition_penalty", a.repetition_penalty)) if v is not None}
+    with distributed_session(a.device) as a.device:
+        model = _load(a)
+        report = evaluate(a.task, model, a.data, a.images, output=a.output or f"runs/eval/{a.task}",
+                          batch_size=a.batch_size, generation=gen, prompt=a.prompt, template=a.template, k=a.k,
+                          reduce=a.reduce, normalize_answers=a.normalize_answers, limit=a.limit,
+                          progress=not a.no_progress, model_name=str(a.model))
+    if report is not None:  # process 0
+        print(json.dumps(report, indent=2) if a.json else markdown_report(report), end="\n" if a.json else "")
+
+
+def cmd_serve(a) -> None:
+    """Serve a checkpoint over HTTP: OpenAI-style /v1/chat/completions (streaming), /v1/caption, /v1/itm,
+    /health, /v1/models and a web page at / (needs the `serve` extra: fastapi, uvicorn)."""
+    import torch
+
+    try:
+        from .serve.app import serve
+        from .serve.engine import ServeSettings
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"blip2 serve needs fastapi and uvicorn (pip install 'blip2[serve]'): {e}") from None
+    settings = ServeSettings(
+        model_name=a.name or Path(a.model).name, max_batch_rows=a.max_batch_size, max_wait_ms=a.max_wait_ms,
+        max_pending=a.max_pending, max_body_bytes=a.max_body_mb * 2**20, max_image_pixels=a.max_image_pixels,
+        max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, image_root=a.image_root,
+        template=a.template)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    serve(a.model, a.host, a.port, settings, dtype=dtype, device=a.device, log_level=a.log_level)
+
+
 def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=max_new)
@@ -149,6 +189,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train)
     p.add_argument("config", help="run config (YAML), e.g. configs/tiny/stage1.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
+    p = add("eval", cmd_eval)
+    p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "choice"])
+    p.add_argument("--data", required=True, nargs="+", type=Path,
+                   help="annotation file; for VQAv2 the questions file and the annotations file")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: the annotation file's folder)")
+    p.add_argument("--output", type=Path, default=None, help="result folder (default runs/eval/TASK)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N entries")
+    p.add_argument("--prompt", default=None, help='caption: text the caption continues, e.g. "a photo of"')
+    p.add_argument("--template", default=None, help='vqa / choice: question template (default '
+                                                      '"Question: {} Short answer:")')
+    p.add_argument("--k", type=int, default=128, help="retrieval: candidates per row re-ranked with ITM")
+    p.add_argument("--reduce", choices=["mean", "sum"], default="mean",
+                   help="choice: rank by the mean or the sum of the choice's token log-probabilities")
+    p.add_argument("--normalize-answers", action="store_true",
+                   help="vqa: normalise ground-truth answers fully (raw answers), not only as the official tool does")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    _add_model(p)
+    g = p.add_argument_group("generation (caption / vqa; defaults per task, SPEC §8)")
+    for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--min-new-tokens", int),
+                       ("--length-penalty", float), ("--repetition-penalty", float)):
+        g.add_argument(flag, type=kind, default=None)
+    p = add("serve", cmd_serve)
+    p.add_argument("--model", required=True, help="checkpoint directory (transformers format, with tokenizer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="model id reported by the API (default: the directory name)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--max-batch-size", type=int, default=8, help="rows per batch; 1 turns batching off")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch to fill")
+    p.add_argument("--max-pending", type=int, default=64, help="queued + running requests; more get 503")
+    p.add_argument("--max-body-mb", type=int, default=20)
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=256, help="the most new tokens a request may ask for")
+    p.add_argument("--image-root", default=None, help="allow local image paths, only under this folder")
+    p.add_argument("--template", default=None, help='BLIP-2 chat prompt template, default "Question: {} Short answer:"')
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p = add("demo", cmd_demo)
     p.add_argument("--output", default="runs/demo", help="where the tiny checkpoint is written")
     return ap

@@ -1,0 +1,597 @@
+"""Benchmark evaluation (SPEC §8-9): annotation readers, task runners, multiple-choice ranking, result files.
+
+    report = evaluate("vqa", model, ["questions.json", "annotations.json"], "images/", output="runs/eval/vqa")
+
+Tasks and what they read (every reader returns (items, skipped); bad entries are reported, never fatal):
+- caption: COCO-style `{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}` or a list
+  `[{"image", "caption": [...] or "..."}]`; metrics from blip2.metrics.caption_scores.
+- vqa: VQAv2 questions + annotations files (images `COCO_<data_subtype>_<image_id:012d>.jpg`), or a list
+  `[{"image", "question", "answer": [...] or "...", "question_id"?, "question_type"?, "answer_type"?}]`;
+  several answers -> VQAv2 accuracy, one answer -> exact match (GQA).
+- retrieval: Karpathy-style `[{"image", "caption": [...]}]`; blip2.retrieval.score_matrix + recall_at_k.
+- choice: `[{"image", "question" or "prompt", "choices": [...], "answer": index or string}]`; the choice the LLM
+  finds most likely (rank_choices) is the prediction.
+Under torch.distributed (torchrun) each process takes every W-th item and the results are gathered and put
+back in annotation order; retrieval splits its work itself. Process 0 computes the metrics and writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import dist, metrics
+
+TASKS = ("caption", "vqa", "retrieval", "choice")
+VQA_TEMPLATE = "Question: {} Short answer:"
+
+
+def generation_defaults(task: str, is_encoder_decoder: bool) -> dict:
+    """SPEC §8: captions 5 beams, 30 max / 8 min new tokens; VQA 5 beams, 10 max / 1 min, length penalty -1 for
+    encoder-decoder LLMs (Flan-T5) and 0 for decoder-only ones (OPT)."""
+    if task == "caption":
+        return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+    if task == "vqa":
+        return {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1,
+                "length_penalty": -1.0 if is_encoder_decoder else 0.0}
+    return {}
+
+
+# ----------------------------------------------------------------------------------------- annotation files
+def _read_json(path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _as_list(x) -> list:
+    return [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else []
+
+
+def _split(rows: list[dict], root: Path) -> tuple[list[dict], list[dict]]:
+    """Rows -> (items, skipped). A row's "problem" (set by the reader) or a duplicate id makes it skipped; every
+    item gets its position in the file ("index") and its image path under `root`."""
+    items, skipped, seen = [], [], set()
+    for i, row in enumerate(rows):
+        problem = row.pop("problem", None)
+        if problem is None and not isinstance(row.get("image"), str):
+            problem = "no image file name"
+        if problem is None and row["id"] in seen:
+            problem = f"duplicate id {row['id']!r}"
+        row["index"] = i
+        if problem is None:
+            seen.add(row["id"])
+            row["image"] = str(root / row["image"])
+            items.append(row)
+        else:
+            skipped.append({"index": i, "id": row.get("id"), "image": row.get("image"), "reason": problem})
+    return items, skipped
+
+
+def _entries(data, path, what: str) -> list[dict]:
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {what} entries, got {type(data).__name__}")
+    return [e if isinstance(e, dict) else {"problem": f"entry is not an object: {e!r:.60}"} for e in data]
+
+
+def _caption_rows(entries: list[dict], field: str) -> list[dict]:
+    """{"id", "image", field: the entry's non-empty captions}, with a problem when there are none."""
+    rows = []
+    for i, e in enumerate(entries):
+        caps = [c for c in _as_list(e.get("caption", e.get("captions"))) if isinstance(c, str) and c.strip()]
+        row = {"id": e.get("image_id", e.get("id", i)), "image": e.get("image"), field: caps}
+        if "problem" in e or not caps:
+            row["problem"] = e.get("problem", "no reference captions" if field == "references" else "no captions")
+        rows.append(row)
+    return rows
+
+
+def read_caption_data(path, root) -> tuple[list[dict], list[dict]]:
+    """Items {"id", "image", "references"}."""
+    data = _read_json(path)
+    if isinstance(data, dict) and "annotations" in data:  # COCO: references grouped by image id
+        refs: dict = {}
+        for a in data["annotations"]:
+            refs.setdefault(a.get("image_id"), []).append(a.get("caption"))
+        entries = [{"id": im.get("id"), "image": im.get("file_name"), "caption": refs.get(im.get("id"), [])}
+                   for im in data.get("images", []) if isinstance(im, dict)]
+    elif isinstance(data, list):
+        entries = _entries(data, path, "caption")
+    else:
+        raise ValueError(f"{path}: not a caption file: expected COCO-style {{'images', 'annotations'}} or a list "
+                         f"of {{'image', 'caption'}}")
+    return _split(_caption_rows(entries, "references"), Path(root))
+
+
+def _vqa_row(qid, image, question, answers, qtype=None, atype=None, problem=None) -> dict:
+    row = {"id": qid, "image": image, "question": question, "answers": answers, "question_type": qtype,
+           "answer_type": atype}
+    if problem is not None:
+        row["problem"] = problem
+    elif not isinstance(question, str) or not question.strip():
+        row["problem"] = "no question"
+    elif not answers or not all(isinstance(a, str) for a in answers):
+        row["problem"] = "empty answer list" if not answers else "answers must be strings"
+    return row
+
+
+def read_vqa_data(paths: Sequence, root) -> tuple[list[dict], list[dict]]:
+    """Items {"id", "image", "question", "answers", "question_type", "answer_type"}. `paths`: the VQAv2
+    questions and annotations files (either order), or one JSON list."""
+    paths, root = [Path(p) for p in _as_list(paths)], Path(root)
+    if len(paths) == 2:
+        q, a = (_read_json(p) for p in paths)
+        if "questions" not in q and "questions" in a:
+            q, a = a, q
+        if "questions" not in q or "annotations" not in a:
+            raise ValueError(f"{paths[0]}, {paths[1]}: expected a VQAv2 questions file ({{'questions': [...]}}) and "
+                             f"an annotations file ({{'annotations': [...]}})")
+        subtype = q.get("data_subtype") or a.get("data_subtype")
+        anns = {x.get("question_id"): x for x in a["annotations"]}
+        rows = []
+        for x in q["questions"]:
+            ann = anns.get(x.get("question_id"), {})
+            image = x.get("image")
+            if image is None and subtype and isinstance(x.get("image_id"), int):
+                name = f"COCO_{subtype}_{x['image_id']:012d}.jpg"
+                image = f"{subtype}/{name}" if (root / subtype / name).exists() else name
+            answers = [d.get("answer") for d in ann.get("answers", [])]
+            rows.append(_vqa_row(x.get("question_id"), image, x.get("question"), answers,
+                                 ann.get("question_type"), ann.get("answer_type")))
+    elif len(paths) == 1:
+        rows = [_vqa_row(e.get("question_id", i), e.get("image"), e.get("question"),
+                         _as_list(e.get("answer", e.get("answers"))), e.get("question_type"), e.get("answer_type"),
+                         e.get("problem"))
+                for i, e in enumerate(_entries(_read_json(paths[0]), paths[0], "question"))]
+    else:
+        raise ValueError(f"VQA data is one JSON list or a questions file and an annotations file, got {len(paths)}")
+    return _split(rows, root)
+
+
+def read_choice_data(path, root) -> tuple[list[dict], list[dict]]:
+    """Items {"id", "image", "question" or "prompt", "choices", "answer" (an index)}."""
+    rows = []
+    for i, e in enumerate(_entries(_read_json(path), path, "multiple-choice")):
+        choices, answer = e.get("choices"), e.get("answer")
+        row = {"id": e.get("id", e.get("question_id", i)), "image": e.get("image"), "question": e.get("question"),
+               "prompt": e.get("prompt"), "choices": choices, "answer": answer}
+        if isinstance(answer, str) and isinstance(choices, list) and answer in choices:
+            row["answer"] = choices.index(answer)
+        if "problem" in e:
+            row["problem"] = e["problem"]
+        elif not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c.strip()
+                                                                      for c in choices):
+            row["problem"] = "choices must be a non-empty list of non-empty strings"
+        elif not isinstance(row["prompt"], str) and not isinstance(row["question"], str):
+            row["problem"] = "no question or prompt"
+        elif not (isinstance(row["answer"], int) and not isinstance(row["answer"], bool)
+                  and 0 <= row["answer"] < len(choices)):
+            row["problem"] = f"answer {answer!r} is not one of the {len(choices)} choices"
+        rows.append(row)
+    return _split(rows, Path(root))
+
+
+def read_retrieval_data(path, root) -> tuple[list[dict], list[dict]]:
+    """Items {"id", "image", "captions"}: one per image, Karpathy-style."""
+    return _split(_caption_rows(_entries(_read_json(path), path, "retrieval"), "captions"), Path(root))
+
+
+READERS = {"caption": read_caption_data, "vqa": read_vqa_data, "retrieval": read_retrieval_data,
+           "choice": read_choice_data}
+
+
+# -------------------------------------------------------------------------------------------- processes
+def _gather_items(local: list) -> list:
+    """Concatenate every process's list (each process gets all of them); identity in one process."""
+    if not dist.is_distributed():
+        return list(local)
+    parts: list = [None] * dist.world_size()
+    torch.distributed.all_gather_object(parts, local)
+    return [x for part in parts for x in part]
+
+
+@contextlib.contextmanager
+def distributed_session(device: str | None = None):
+    """Under torchrun (WORLD_SIZE > 1) start the process group (NCCL on GPUs, else Gloo) and yield this process's
+    device (cuda:LOCAL_RANK unless `device` is given); in one process just yield `device`. Ends what it started."""
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed()
+    if started:
+        cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        if cuda:
+            device = device or f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(torch.device(device))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield device
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- images
+def _processor(model):
+    if model.processor is None:
+        raise ValueError("evaluation needs the checkpoint's tokenizer and image settings: load a directory with "
+                         "tokenizer files (blip2.load) or set model.processor")
+    return model.processor
+
+
+def _pixels(model, images) -> torch.Tensor:
+    """A pixel tensor [N, 3, H, W] on the model's device from a tensor or a list of images / paths."""
+    px = images if isinstance(images, torch.Tensor) else _processor(model).images(list(images))
+    return px.to(model.device)
+
+
+def _opens(path: str) -> bool:
+    """True when `path` is a file that PIL recognises as an image (reads the header only)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # a missing file, or one of the many errors PIL raises for a non-image
+        return False
+
+
+def _load_one(processor, item: dict):
+    try:
+        return processor.image_processor.preprocess_one(item["image"]), None
+    except (ValueError, OSError) as e:  # ImageError (missing / undecodable file) is a ValueError
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _image_batches(processor, items: list[dict], batch_size: int, progress: bool, desc: str):
+    """(items, pixels [b, 3, S, S], skipped) per batch of `items`; unreadable images are skipped. The next batch is
+    decoded in background threads (PIL releases the GIL) while the model works on this one."""
+    chunks = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(4) as pool, ThreadPoolExecutor(1) as ahead:
+        def load(chunk):
+            return list(pool.map(lambda it: _load_one(processor, it), chunk))
+
+        future = ahead.submit(load, chunks[0]) if chunks else None
+        for n, chunk in enumerate(tqdm(chunks, desc=desc, disable=not progress or dist.rank() != 0)):
+            loaded = future.result()
+            if n + 1 < len(chunks):
+                future = ahead.submit(load, chunks[n + 1])
+            ok = [(it, px) for it, (px, _) in zip(chunk, loaded) if px is not None]
+            bad = [{"index": it["index"], "id": it["id"], "image": it["image"], "reason": why}
+                   for it, (_, why) in zip(chunk, loaded) if why is not None]
+            yield [it for it, _ in ok], (torch.stack([px for _, px in ok]) if ok else None), bad
+
+
+# --------------------------------------------------------------------------------------- choice ranking
+def _continuations(tok, prompt: str, prompt_ids: list[int], choices: list[str]) -> list[list[int]]:
+    """Token ids of each choice as it follows `prompt` in a decoder-only LLM: the tail of the tokenised
+    "prompt choice" after the prompt's own ids (so the boundary is tokenised as in running text). When the
+    prompt's ids are not a prefix of the joint text's, the choice is tokenised alone."""
+    sep = " " if prompt and not prompt[-1].isspace() else ""
+    joint = tok([prompt + sep + c for c in choices])["input_ids"]
+    n = len(prompt_ids)
+    return [ids[n:] if ids[:n] == prompt_ids and len(ids) > n else tok(sep + c, add_special_tokens=False)["input_ids"]
+            for c, ids in zip(choices, joint)]
+
+
+def _pad(seqs: list[list[int]], value: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists of ids -> (ids [R, T], mask [R, T])."""
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in seqs], batch_first=True, padding_value=value)
+    lengths = torch.tensor([len(x) for x in seqs])
+    return ids.to(device), (torch.arange(ids.shape[1])[None] < lengths[:, None]).long().to(device)
+
+
+def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of log p(target) where `where` is set: logits [R, T, V], targets/where [R, T] -> [R]."""
+    lp = -F.cross_entropy(logits[where].float(), targets[where], reduction="none")  # (n_tokens,): only those rows
+    return torch.zeros(where.shape[0], device=lp.device).index_add_(0, where.nonzero()[:, 0], lp)
+
+
+def _decoder_only_rows(llm, vis, prompt_ids, rows, pad):
+    """rows of (sample, choice ids): [visual; prompt; choice; right padding] through the LLM. Right padding keeps
+    every real token at the position it has unpadded (pads come last and the attention is causal).
+    Returns (summed log p [R], number of choice tokens [R])."""
+    device, Q = vis.device, vis.shape[1]
+    ids, mask = _pad([prompt_ids[b] + c for b, c in rows], pad, device)  # (R, T)
+    is_choice = torch.zeros_like(mask, dtype=torch.bool)
+    for i, (b, c) in enumerate(rows):
+        is_choice[i, len(prompt_ids[b]):len(prompt_ids[b]) + len(c)] = True
+    who = torch.tensor([b for b, _ in rows], device=device)
+    x = torch.cat([vis[who], llm.get_input_embeddings()(ids).to(vis.dtype)], dim=1)  # (R, Q + T, D)
+    mask = torch.cat([torch.ones(len(rows), Q, dtype=mask.dtype, device=device), mask], dim=1)
+    logits = llm(inputs_embeds=x, attention_mask=mask).logits  # (R, Q + T, V)
+    return _token_log_probs(logits[:, Q - 1:-1], ids, is_choice), is_choice.sum(1)  # Q + t - 1 predicts token t
+
+
+def _seq2seq_rows(llm, enc, enc_mask, rows, pad):
+    """rows of (sample, choice ids): the choice as the decoder target over the sample's encoder output
+    enc [b, L, D]. Right padding needs no decoder mask: the decoder is causal, pads come last."""
+    labels, lmask = _pad([c for _, c in rows], pad, enc.device)  # (R, T)
+    who = torch.tensor([b for b, _ in rows], device=enc.device)
+    start = torch.full((len(rows), 1), llm.config.decoder_start_token_id, device=enc.device)
+    logits = llm(encoder_outputs=(enc[who],), attention_mask=enc_mask[who],
+                 decoder_input_ids=torch.cat([start, labels[:, :-1]], dim=1)).logits  # teacher forcing
+    return _token_log_probs(logits, labels, lmask.bool()), lmask.sum(1)
+
+
+@torch.no_grad()
+def choice_scores(model, images, prompts: Sequence[str], choices: Sequence[Sequence[str]] | Sequence[str],
+                  batch_size: int = 16, qformer_texts: Sequence[str] | None = None) -> list[dict]:
+    """Log-likelihood of every candidate continuation under the LLM, given the image and the prompt.
+
+    images: N images (PIL, paths) or a pixel tensor [N, 3, H, W]; prompts: N strings ("" for none); choices: one
+    list of candidates per sample, or one list shared by all (classification). InstructBLIP's Q-Former gets
+    `qformer_texts` (default: the prompts). Decoder-only LLMs score the choice's tokens after [visual; prompt];
+    encoder-decoder LLMs (Flan-T5) encode [visual; prompt] and score the choice as the decoder target (with the
+    tokenizer's EOS, as in training). Images and prompts go through the encoders once per sample, in batches of
+    `batch_size` samples; the (sample, choice) rows go through the LLM in batches of `batch_size` rows.
+    Returns per sample {"sum": [log p per choice], "mean": [per-token mean], "num_tokens": [...]}.
+    """
+    proc = _processor(model)
+    tok, llm, pad = proc.tokenizer, model.llm, proc.tokenizer.pad_token_id
+    n = len(prompts)
+    if choices and isinstance(choices[0], str):
+        choices = [list(choices)] * n
+    if len(choices) != n or (qformer_texts is not None and len(qformer_texts) != n):
+        raise ValueError(f"choice_scores: {n} prompts but {len(choices)} choice lists"
+                         + (f" and {len(qformer_texts)} Q-Former texts" if qformer_texts is not None else ""))
+    enc_dec, device = model.cfg.is_encoder_decoder, model.device
+    out = []
+    for s in range(0, n, batch_size):
+        px = _pixels(model, images[s:s + batch_size])  # (b, 3, H, W)
+        texts = list(prompts[s:s + batch_size])
+        q_ids = q_mask = None
+        if model.cfg.architecture == "instructblip":
+            qt = list(qformer_texts[s:s + batch_size]) if qformer_texts is not None else texts
+            q_ids, q_mask = (t.to(device) for t in proc.tokenize_qformer(qt, max_length=model.cfg.qformer_max_text_len))
+        _, vis = model.visual_prompts(px, q_ids, q_mask)  # (b, Q, D): the soft visual prompt of each sample
+        prompt_ids = tok(texts)["input_ids"]
+        rows, where = [], []  # (sample in this chunk, choice ids), (sample, choice index)
+        for b, (text, ids) in enumerate(zip(texts, prompt_ids)):
+            cands = list(choices[s + b])
+            cand_ids = tok(cands)["input_ids"] if enc_dec else _continuations(tok, text, ids, cands)
+            if any(len(c) == 0 for c in cand_ids):
+                raise ValueError(f"choice_scores: sample {s + b} has a choice that tokenises to nothing: {cands}")
+            rows += [(b, c) for c in cand_ids]
+            where += [(b, j) for j in range(len(cands))]
+        if enc_dec:  # the encoder runs once per sample; its output is shared by the sample's candidates
+            p_ids, p_mask = _pad(prompt_ids, pad, device)
+            x = torch.cat([vis, llm.get_input_embeddings()(p_ids).to(vis.dtype)], dim=1)  # (b, Q + P, D)
+            enc_mask = torch.cat([torch.ones(vis.shape[:2], dtype=p_mask.dtype, device=device), p_mask], dim=1)
+            enc = llm.get_encoder()(inputs_embeds=x, attention_mask=enc_mask).last_hidden_state  # (b, Q + P, D)
+        totals, counts = [], []
+        for r in range(0, len(rows), batch_size):
+            part = rows[r:r + batch_size]
+            total, count = (_seq2seq_rows(llm, enc, enc_mask, part, pad) if enc_dec
+                            else _decoder_only_rows(llm, vis, prompt_ids, part, pad))
+            totals += total.tolist()
+            counts += count.tolist()
+        per = [{"sum": [], "mean": [], "num_tokens": []} for _ in texts]
+        for (b, _), t, c in zip(where, totals, counts):
+            per[b]["sum"].append(t)
+            per[b]["mean"].append(t / c)
+            per[b]["num_tokens"].append(c)
+        out += per
+    return out
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first of equal maxima
+
+
+def rank_choices(model, images, prompts: Sequence[str], choices, reduce: str = "mean", batch_size: int = 16,
+                 qformer_texts: Sequence[str] | None = None) -> list[int]:
+    """The index of the most likely choice per sample (see choice_scores); reduce="mean" compares the mean token
+    log-probability (no bias towards short choices), "sum" the total. Ties go to the first choice."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    return [_argmax(s[reduce]) for s in choice_scores(model, images, prompts, choices, batch_size, qformer_texts)]
+
+
+# ---------------------------------------------------------------------------------------------- runners
+# A runner turns items into (predictions, skipped, extra); a scorer turns process 0's merged predictions (and the
+# runner's extra, e.g. the retrieval score matrices) into metrics.
+def _run_batched(model, items, opts, step: Callable[[torch.Tensor, list[dict]], list[dict]]):
+    """This process's share of `items` through `step(pixels, batch) -> one result dict per item`; then every
+    process's results and skips, merged in annotation order."""
+    mine = items[dist.rank()::dist.world_size()]
+    results, skipped = [], []
+    for batch, px, bad in _image_batches(_processor(model), mine, opts["batch_size"], opts["progress"], "eval"):
+        skipped += bad
+        if batch:
+            results += [{"index": it["index"], **r} for it, r in zip(batch, step(px, batch))]
+    by_index = (lambda r: r["index"])
+    return sorted(_gather_items(results), key=by_index), sorted(_gather_items(skipped), key=by_index), None
+
+
+def _caption(model, items, opts):
+    def step(px, batch):
+        caps = model.caption(px, prompt=opts["prompt"], **opts["generation"])
+        return [{"image_id": it["id"], "caption": c, "image": it["image"], "references": it["references"]}
+                for it, c in zip(batch, caps)]
+    return _run_batched(model, items, opts, step)
+
+
+def _score_caption(results, _, opts) -> dict:
+    return metrics.caption_scores({r["image_id"]: r["caption"] for r in results},
+                                  {r["image_id"]: r["references"] for r in results})
+
+
+def _vqa(model, items, opts):
+    def step(px, batch):
+        answers = model.answer(px, [it["question"] for it in batch], template=opts["template"], **opts["generation"])
+        return [{"question_id": it["id"], "answer": a, "image": it["image"], "question": it["question"],
+                 "gt_answers": it["answers"], "question_type": it["question_type"], "answer_type": it["answer_type"],
+                 "score": metrics.vqa_item_score(a, it["answers"], opts["normalize_answers"])}
+                for it, a in zip(batch, answers)]
+    return _run_batched(model, items, opts, step)
+
+
+def _score_vqa(results, _, opts) -> dict:
+    by = {r["question_id"]: r for r in results}
+    m = metrics.vqa_scores({k: r["answer"] for k, r in by.items()}, {k: r["gt_answers"] for k, r in by.items()},
+                           {k: r["question_type"] for k, r in by.items()}, {k: r["answer_type"] for k, r in by.items()},
+                           normalize_answers=opts["normalize_answers"])
+    del m["per_item"]  # already in the predictions
+    return m
+
+
+def _choice(model, items, opts):
+    def step(px, batch):
+        prompts = [it["prompt"] if isinstance(it["prompt"], str) else opts["template"].format(it["question"])
+                   for it in batch]
+        scores = choice_scores(model, px, prompts, [it["choices"] for it in batch], opts["batch_size"])
+        return [{"id": it["id"], "image": it["image"], "prompt": p, "choices": it["choices"], "answer": it["answer"],
+                 "prediction": _argmax(s[opts["reduce"]]), "scores_sum": s["sum"], "scores_mean": s["mean"]}
+                for it, p, s in zip(batch, prompts, scores)]
+    return _run_batched(model, items, opts, step)
+
+
+def _score_choice(results, _, opts) -> dict:
+    acc = {red: 100.0 * sum(_argmax(r[f"scores_{red}"]) == r["answer"] for r in results) / len(results)
+           for red in ("sum", "mean")}
+    return {"accuracy": acc[opts["reduce"]], "accuracy_sum": acc["sum"], "accuracy_mean": acc["mean"],
+            "ranked_by": opts["reduce"], "count": len(results)}
+
+
+def _pre_caption(text: str, max_words: int = 50) -> str:
+    """LAVIS's retrieval text cleaning: lower case, most punctuation to spaces, at most 50 words."""
+    return " ".join(re.sub(r"[.!\"()*#:;~]", " ", text.lower()).split()[:max_words])
+
+
+def _retrieval(model, items, opts):
+    proc = _processor(model)
+    readable = [_opens(it["image"]) for it in items]  # a missing or non-image file drops the image and its captions
+    ok = [it for it, r in zip(items, readable) if r]
+    skipped = [{"index": it["index"], "id": it["id"], "image": it["image"],
+                "reason": "not a readable image file" if Path(it["image"]).exists() else "image file not found"}
+               for it, r in zip(items, readable) if not r]
+    if not ok:
+        raise ValueError("retrieval: none of the images can be read")
+    texts = [c for it in ok for c in it["captions"]]
+    txt2img = [i for i, it in enumerate(ok) for _ in it["captions"]]
+    img2txt = [[j for j, i2 in enumerate(txt2img) if i2 == i] for i in range(len(ok))]
+    tok = proc.qformer_tokenizer if proc.qformer_tokenizer is not None else proc.tokenizer
+    side, tok.truncation_side = tok.truncation_side, "right"  # LAVIS keeps the start of long captions
+    try:
+        enc = tok([_pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=35,
+                  return_tensors="pt")
+    finally:
+        tok.truncation_side = side
+    bs, size = opts["batch_size"], proc.image_processor.image_size
+    rank, world = dist.rank(), dist.world_size()
+
+    def batches():  # score_matrix gives image batch b to process b % W: other processes' batches are not decoded
+        for b, s in enumerate(range(0, len(ok), bs)):
+            chunk = ok[s:s + bs]
+            yield (proc.images([it["image"] for it in chunk]) if b % world == rank
+                   else torch.empty(len(chunk), 3, size, size))
+
+    from .retrieval import score_matrix
+
+    i2t, t2i = score_matrix(model, batches, enc["input_ids"], enc["attention_mask"], k=opts["k"], batch_size=bs,
+                            progress=opts["progress"])
+    top_t, top_i = min(10, len(texts)), min(10, len(ok))
+    preds = {"images": [it["image"] for it in ok], "texts": texts, "img2txt": img2txt, "txt2img": txt2img,
+             "i2t_top10": i2t.topk(top_t, dim=1).indices.tolist(), "t2i_top10": t2i.topk(top_i, dim=1).indices.tolist()}
+    return preds, skipped, (i2t, t2i)
+
+
+def _score_retrieval(preds, matrices, opts) -> dict:
+    return metrics.recall_at_k(*matrices, preds["img2txt"], preds["txt2img"])
+
+
+RUNNERS = {"caption": (_caption, _score_caption), "vqa": (_vqa, _score_vqa), "choice": (_choice, _score_choice),
+           "retrieval": (_retrieval, _score_retrieval)}
+
+
+# -------------------------------------------------------------------------------------------- the whole run
+def _fmt(v) -> str:
+    """Fractions (caption scores) with 4 decimals, percentages with 2."""
+    return (f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}") if isinstance(v, float) else "n/a" if v is None else str(v)
+
+
+def markdown_report(report: dict) -> str:
+    """metrics.md: the headline numbers in one table, each breakdown (per question type...) in its own."""
+    m = report["metrics"] or {}
+    lines = [f"# blip2 eval: {report['task']}", "", f"- model: `{report['model']}`",
+             f"- data: {', '.join(f'`{d}`' for d in report['data'])}",
+             f"- evaluated {report['evaluated']} of {report['items']} items; skipped {report['skipped']}", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if not isinstance(v, dict)]
+    for k, v in m.items():
+        if isinstance(v, dict):
+            lines += ["", f"## {k}", "", "| | value |", "|---|---|"] + [f"| {a} | {_fmt(b)} |" for a, b in v.items()]
+    lines += [f"\n{k}: {note}" for k, note in report["notes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(task: str, model, data: str | Sequence[str], images: str | None = None, output: str | None = None,
+             batch_size: int = 16, generation: dict | None = None, prompt: str | None = None,
+             template: str | None = None, k: int = 128, reduce: str = "mean", normalize_answers: bool = False,
+             limit: int | None = None, progress: bool = True, model_name: str | None = None) -> dict | None:
+    """Run one benchmark end to end. Process 0 returns the report that metrics.json holds: {"task", "model",
+    "data", "processes", "items", "evaluated", "skipped" (a count), "skipped_items" ({"index", "id", "image",
+    "reason"}), "metrics", "generation", "notes", "seconds"} and, with `output`, writes predictions.json (before
+    the metrics: a metric failure loses no predictions), metrics.json and metrics.md there; others return None.
+
+    images: the folder image names are relative to (default: the annotation file's). generation: overrides of
+    generation_defaults. prompt: caption prompt (e.g. "a photo of"); template: VQA / choice question template.
+    k: retrieval re-ranking depth. reduce: choice ranking by "mean" or "sum" log-probability. normalize_answers:
+    normalise VQA human answers fully (raw answers), not only as the official tool does. limit: first N entries.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    t0 = time.perf_counter()
+    paths = [str(p) for p in _as_list(data)]
+    if not paths or (task != "vqa" and len(paths) != 1):
+        raise ValueError(f"the {task} task reads one annotation file (vqa: or two), got {len(paths)}")
+    root = Path(images) if images is not None else Path(paths[0]).parent
+    items, skipped = READERS[task](paths if task == "vqa" else paths[0], root)
+    if limit is not None:
+        items, skipped = [it for it in items if it["index"] < limit], [s for s in skipped if s["index"] < limit]
+    n_items = len(items) + len(skipped)
+    if not items:
+        raise ValueError(f"{', '.join(paths)}: no usable entries ({len(skipped)} skipped"
+                         + (f", e.g. {skipped[0]['reason']})" if skipped else ")"))
+    gen = {**generation_defaults(task, model.cfg.is_encoder_decoder), **(generation or {})}
+    opts = {"batch_size": batch_size, "progress": progress, "generation": gen, "prompt": prompt,
+            "template": template or VQA_TEMPLATE, "k": k, "reduce": reduce, "normalize_answers": normalize_answers}
+    run, score = RUNNERS[task]
+    was_training = model.training
+    model.eval()
+    try:
+        predictions, bad, extra = run(model, items, opts)
+    finally:
+        model.train(was_training)
+    if dist.rank() != 0:
+        return None
+    skipped = sorted(skipped + bad, key=lambda s: s["index"])
+    evaluated = len(predictions["images"]) if task == "retrieval" else len(predictions)
+    out = Path(output) if output is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "predictions.json").write_text(json.dumps(predictions, indent=1))
+    scores = score(predictions, extra, opts) if evaluated else None
+    report = {"task": task, "model": model_name or model.cfg.architecture, "data": paths,
+              "processes": dist.world_size(), "items": n_items, "evaluated": evaluated, "skipped": len(skipped),
+              "skipped_items": skipped, "metrics": scores, "generation": gen or None,
+              "notes": {"SPICE": metrics.SPICE_NOTE} if task == "caption" else {},
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        (out / "metrics.md").write_text(markdown_report(report))
+    return report
