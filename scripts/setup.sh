@@ -19,4 +19,14 @@ fi
 # The package with its test extras; the constraint keeps torch where it is.
 echo "torch==$TORCH_VERSION" > .venv/torch-constraint.txt
 $PIP install -c .venv/torch-constraint.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# caption metrics: the COCO caption toolkit (its scorers only; --no-deps skips pycocotools) and java
+$PIP install --no-deps "pycocoevalcap==1.2" 2>&1 | grep -v "^WARNING: Location" || true
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing java (default-jre-headless) for the caption metrics"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless) >/dev/null
+  else
+    echo "note: java is missing; caption metrics (METEOR, PTB tokenisation) need it" >&2
+  fi
+fi
 .venv/bin/python -c "import blip2, torch; print(f'blip2 {blip2.__version__} ready (torch {torch.__version__})')"
