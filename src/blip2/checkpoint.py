@@ -78,8 +78,10 @@ KEY_MAPS = {
     "instructblip": _VISION + _QFORMER_LAYERS + _COMMON + _EMBED_INSTRUCT,
     "blip2-retrieval": _VISION + _QFORMER_LAYERS + _COMMON + _EMBED_RETRIEVAL,
 }
-# our keys that transformers does not store (defaults are kept)
+# our keys that transformers does not store (defaults are kept): the contrastive temperature, and the Q-Former's
+# LM head (stage 1 / Q-Former captioning), which transformers' retrieval class lacks (the LAVIS layout keeps it)
 NOT_IN_HF = {"temp"}
+NOT_IN_HF_PREFIXES = ("qformer.lm_head.",)
 
 _QKV_BIAS = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
 
@@ -127,7 +129,7 @@ def ours_to_hf(state: dict[str, torch.Tensor], architecture: str) -> dict[str, t
     rules = KEY_MAPS[architecture]
     out = {}
     for k, v in state.items():
-        if k in NOT_IN_HF or k.endswith(".attn.v_bias"):
+        if k in NOT_IN_HF or k.startswith(NOT_IN_HF_PREFIXES) or k.endswith(".attn.v_bias"):
             continue
         if k.endswith(".attn.q_bias"):
             n = k.split(".")[2]

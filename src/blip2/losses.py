@@ -67,11 +67,22 @@ def sample_hard_negatives(sim_i2t_all: torch.Tensor, sim_t2i_all: torch.Tensor,
         positive = image_ids_all[:, None] == image_ids_all[None, :]
     if bool(positive.all(dim=1).any()):
         raise ValueError("ITM hard negatives need at least two different images in the global batch")
-    w_i2t = sim_i2t_all.float().masked_fill(positive, float("-inf")).softmax(dim=1)
-    w_t2i = sim_t2i_all.float().masked_fill(positive, float("-inf")).softmax(dim=1)
+    w_i2t = _negative_weights(sim_i2t_all, positive)
+    w_t2i = _negative_weights(sim_t2i_all, positive)
     neg_text = torch.multinomial(w_i2t.cpu(), 1, generator=generator).squeeze(1).to(sim_i2t_all.device)
     neg_image = torch.multinomial(w_t2i.cpu(), 1, generator=generator).squeeze(1).to(sim_i2t_all.device)
     return neg_text, neg_image
+
+
+def _negative_weights(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """softmax over the negatives of each row; a row with non-finite similarities (a diverged step, whose loss
+    the training loop will skip) falls back to uniform so that sampling itself never fails."""
+    w = sim.float().masked_fill(positive, float("-inf")).softmax(dim=1)
+    bad = ~torch.isfinite(w).all(dim=1)
+    if bool(bad.any()):
+        uniform = (~positive).float()
+        w[bad] = (uniform / uniform.sum(dim=1, keepdim=True))[bad]
+    return w
 
 
 def itm_loss(itm_logits: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ Every function returns the directory as a `Path`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -182,12 +183,20 @@ def make_t5_tokenizer(dir: str | Path, vocab_size: int = 512) -> Path:
     pre = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
-    tok = Tokenizer(models.Unigram())
+    # A deterministic unigram vocabulary (the trainer's result varies from run to run): whole words scored
+    # by their log frequency, then single characters (with and without the word-start mark) as fallbacks.
+    counts: dict[str, int] = {}
+    for line in corpus_lines():
+        for piece, _ in pre.pre_tokenize_str(line):
+            counts[piece] = counts.get(piece, 0) + 1
+    total = sum(counts.values())
+    chars = sorted({c for w in counts for c in w.lstrip("▁")})
+    room = vocab_size - 1 - len(specials) - 2 * len(chars)
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:max(0, room)]
+    pieces = [(t, 0.0) for t in specials] + [(w, math.log(counts[w] / total)) for w in words]
+    pieces += [("▁" + c, -20.0) for c in chars] + [(c, -21.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size - 1, special_tokens=specials, unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator(corpus_lines(), trainer)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
@@ -204,12 +213,21 @@ def make_t5_tokenizer(dir: str | Path, vocab_size: int = 512) -> Path:
 def make_bert_tokenizer(dir: str | Path, vocab_size: int = 400) -> Path:
     """BERT uncased WordPiece: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then words; writes vocab.txt too."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    # A deterministic vocabulary (WordPiece training breaks ties differently from run to run): every
+    # character, its "##" continuation, then the corpus words, most frequent first.
+    counts: dict[str, int] = {}
+    for line in corpus_lines():
+        for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(line)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for w in counts for c in w})
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces = specials + chars + ["##" + c for c in chars] + words
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(pieces[:vocab_size])}, unk_token="[UNK]"))
     # The pipeline BertTokenizer builds (do_lower_case=True).
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(corpus_lines(), trainer)
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]

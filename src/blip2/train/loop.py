@@ -215,6 +215,9 @@ def train(cfg: RunConfig) -> dict:
     if is_main:
         model.eval()
         model.save_pretrained(out_dir / "model")  # the transformers format
+        from ..convert_lavis import save_lavis
+
+        save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plots:
             _plot(metrics_path, out_dir / "loss.png")
