@@ -29,4 +29,12 @@ if ! command -v java >/dev/null 2>&1; then
     echo "note: java is missing; caption metrics (METEOR, PTB tokenisation) need it" >&2
   fi
 fi
+# the web page's browser test drives Debian's chromium through playwright (never a browser download)
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium for the browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || echo "note: chromium could not be installed; the browser test will be skipped" >&2
+  fi
+fi
 .venv/bin/python -c "import blip2, torch; print(f'blip2 {blip2.__version__} ready (torch {torch.__version__})')"

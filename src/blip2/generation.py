@@ -32,6 +32,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,15 @@ class GenerationConfig:
     pad_token_id: int | None = None
     decoder_start_token_id: int | None = None
     bos_token_id: int | None = None
+    # Hooks for serving (blip2.serve), not decoding settings.
+    # streamer(tokens [N], t) is called after step t (0-based) of greedy search / sampling (not beam search,
+    # whose beams are not final) with the token each row just got (rows that already finished get pad); an
+    # exception it raises ends the decoding (e.g. every client went away).
+    streamer: Callable[[torch.Tensor, int], None] | None = None
+    # generator: a torch.Generator for sampling (beam sampling too), or, without beams, a list of one per input,
+    # so that each input's rows sample from its own generator: a batch's samples then equal those the inputs
+    # would get alone with theirs.
+    generator: torch.Generator | list[torch.Generator] | None = None
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -109,6 +119,13 @@ class GenerationConfig:
         for name in ("pad_token_id", "decoder_start_token_id", "bos_token_id"):
             v = getattr(self, name)
             need(v is None or (is_int(v) and v >= 0), f"{name} must be None or an int >= 0, got {v!r}")
+        need(self.streamer is None or callable(self.streamer), f"streamer must be callable, got {self.streamer!r}")
+        gen = self.generator
+        need(gen is None or isinstance(gen, torch.Generator)
+             or (isinstance(gen, (list, tuple)) and all(isinstance(g, torch.Generator) for g in gen)),
+             f"generator must be a torch.Generator or a list of them, got {type(gen).__name__}")
+        need(self.num_beams == 1 or not isinstance(gen, (list, tuple)),
+             "one generator per input needs num_beams == 1")
         # transformers passes float parameters through as given; ints would work but keep them floats.
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         self.repetition_penalty, self.length_penalty = float(self.repetition_penalty), float(self.length_penalty)
@@ -402,18 +419,29 @@ def _greedy_or_sample(runner, scores_fn: _Scores, cfg: GenerationConfig, eos, pa
     for t in range(T):
         scores = scores_fn(logits, t)
         if cfg.do_sample:
-            tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            tokens = _sample(F.softmax(scores, dim=-1), cfg.generator)
         else:
             tokens = torch.argmax(scores, dim=-1)
         if eos is not None:
             tokens = tokens.masked_fill(~unfinished, pad)  # finished rows are padded
             unfinished &= ~torch.isin(tokens, scores_fn.eos)
         out[:, t] = tokens
+        if cfg.streamer is not None:
+            cfg.streamer(tokens, t)
         scores_fn.observe(tokens, t)
         if t + 1 == T or (eos is not None and not bool(unfinished.any())):
             break
         logits = runner.step(tokens, t + 1)
     return out[:, : t + 1]
+
+
+def _sample(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row [N] from probs [N, V]; with one generator per input (B of them), input i's rows
+    (N // B consecutive ones) draw from generator i exactly as they would in a batch of their own."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    groups = probs.view(len(generator), -1, probs.shape[-1])  # (B, N // B, V)
+    return torch.cat([torch.multinomial(p, num_samples=1, generator=g) for p, g in zip(groups, generator)]).squeeze(1)
 
 
 def _beam_search(runner, scores_fn: _Scores, cfg: GenerationConfig, B: int, eos, fill: int) -> torch.Tensor:
@@ -439,7 +467,7 @@ def _beam_search(runner, scores_fn: _Scores, cfg: GenerationConfig, B: int, eos,
         V = logp.shape[-1]
         acc = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
         if cfg.do_sample:
-            idx = torch.multinomial(F.softmax(acc, dim=-1), num_samples=K2)
+            idx = torch.multinomial(F.softmax(acc, dim=-1), num_samples=K2, generator=cfg.generator)
             top, order = acc.gather(1, idx).sort(dim=-1, descending=True)
             idx = idx.gather(-1, order)
         else:
@@ -551,6 +579,8 @@ def decode(runner, batch_size: int, cfg: GenerationConfig, eos: list[int] | None
         min_keep = 1 + (len(eos) if eos is not None else 1)
     else:
         min_keep = 1
+    if isinstance(cfg.generator, (list, tuple)) and len(cfg.generator) != batch_size:
+        raise ValueError(f"generate: {len(cfg.generator)} generators for a batch of {batch_size} inputs")
     scores_fn = _Scores(cfg, eos, history, ignore_len, min_keep)
     if cfg.num_beams == 1:
         return _greedy_or_sample(runner, scores_fn, cfg, eos, pad)

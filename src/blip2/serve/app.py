@@ -1,0 +1,358 @@
+"""`blip2 serve`: an HTTP server for one checkpoint (FastAPI + uvicorn: the `serve` extra).
+
+    POST /v1/chat/completions  OpenAI-style chat: one image (data: URL) and text; `stream: true` sends
+                               server-sent events, token by token (beam search: at the end)
+    POST /v1/caption           captions (LLM checkpoints; stage-1 checkpoints with a Q-Former LM head)
+    POST /v1/itm               image-text match scores: P(match) from the ITM head and the ITC similarity
+    GET  /health               status and batching statistics
+    GET  /v1/models            the model and what it can do
+    GET  /                     a web page: drop an image, ask, watch the answer stream in
+
+Every error is JSON {"error": {"message", "type", "code"}}; what the client got wrong gets a 4xx (413 for
+bodies and images over the limits), a full queue a 503. Requests run through the dynamic batcher
+(blip2.serve.batching); a client that disconnects gives its slot back at once.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route annotations (request models, Request),
+# which are imported inside create_app, from the live function objects.
+import asyncio
+import json
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from .batching import Batcher, Job, QueueFull
+from .engine import Engine, RequestError, ServeSettings
+
+__all__ = ["create_app", "serve", "BackgroundServer"]
+
+
+def _dumps(obj) -> str:
+    # ASCII escapes keep lone surrogates from the request (echoed in validation messages) encodable
+    return json.dumps(obj, ensure_ascii=True)
+
+
+def _error_body(message: str, status: int, code: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message[:1000], "type": kind, "code": code}}
+
+
+def _error_of(exc: BaseException) -> tuple[int, dict]:
+    if isinstance(exc, RequestError):
+        return exc.status, _error_body(str(exc), exc.status, exc.code)
+    return 500, _error_body(f"internal error: {type(exc).__name__}: {exc}", 500, "internal_error")
+
+
+class _BodyLimit:
+    """ASGI middleware: refuses bodies over `limit` bytes with 413 before anything parses them (Content-Length
+    or counted while reading), then replays the body to the app."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send, length.isdigit())
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(send, True)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # e.g. http.disconnect, which streaming responses listen for
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send, too_large: bool):
+        status = 413 if too_large else 400
+        msg = f"the request body is larger than {self.limit} bytes" if too_large else "invalid Content-Length"
+        data = _dumps(_error_body(msg, status, "body_too_large" if too_large else None)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+def create_app(model, settings: ServeSettings | None = None):
+    """A FastAPI app serving `model` (a blip2 Blip2Model with its processor attached)."""
+    from importlib.resources import files
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.responses import HTMLResponse, Response, StreamingResponse
+
+    from .. import __version__
+    from . import schemas as S
+
+    settings = settings or ServeSettings()
+    engine = Engine(model, settings)
+    batcher = Batcher(engine.run, settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_pending)
+    page = (files("blip2.serve") / "static" / "index.html").read_text(encoding="utf-8")
+    name, started = settings.model_name, int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="blip2", version=__version__, lifespan=lifespan)
+    app.state.engine, app.state.batcher = engine, batcher
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+
+    def json_response(obj, status: int = 200) -> Response:
+        return Response(_dumps(obj), status_code=status, media_type="application/json")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and not (ctype == "application/json" or ctype.endswith("+json")):
+            # FastAPI parses JSON only with a JSON content type: a page on another site cannot then post to a
+            # local server without the browser asking (CORS preflight), and this server never says yes
+            return json_response(_error_body(f"send the body as JSON with Content-Type: application/json "
+                                             f"(got {ctype or 'none'!r})", 415, "unsupported_media_type"), 415)
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return json_response(_error_body("the request body is not valid JSON", 400, "invalid_json"), 400)
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = str(first.get("msg", "invalid request"))
+        return json_response(_error_body(f"{loc}: {msg}" if loc else msg, 400, "invalid_request"), 400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        return json_response(_error_body(str(exc.detail), exc.status_code), exc.status_code)
+
+    @app.exception_handler(RequestError)
+    async def _refused(request, exc: RequestError):
+        status, body = _error_of(exc)
+        return json_response(body, status)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):  # a bug: still JSON
+        status, body = _error_of(exc)
+        return json_response(body, status)
+
+    # ------------------------------------------------------------------------------------------ jobs
+    def submit(job: Job) -> asyncio.Queue:
+        """Queue the job; its events arrive in the returned asyncio queue."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+        job.emit = emit
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            raise RequestError(f"the server is busy ({e}); retry later", status=503, code="busy") from None
+        return events
+
+    def release(job: Job) -> None:
+        if not job.settled:
+            batcher.cancel(job)
+
+    async def result_of(request: Request, job: Job, events: asyncio.Queue):
+        """The job's result; cancels the job (freeing its slot) if the client disconnects while waiting."""
+        getter = asyncio.ensure_future(events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({getter}, timeout=0.25)
+                if done:
+                    kind, *rest = getter.result()
+                    if kind == "done":
+                        return rest[0]
+                    if kind == "error":
+                        raise rest[-1]
+                    getter = asyncio.ensure_future(events.get())  # a streamed delta: not wanted here
+                elif await request.is_disconnected():
+                    return None
+        finally:
+            getter.cancel()
+            release(job)
+
+    class JobStream(StreamingResponse):
+        """Server-sent events that cancel their job when the response ends early (client gone)."""
+
+        def __init__(self, content, job: Job):
+            super().__init__(content, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.job = job
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                release(self.job)
+
+    # ---------------------------------------------------------------------------------------- routes
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        return json_response({"status": "ok", "model": name, **batcher.stats()})
+
+    @app.get("/v1/models")
+    async def models():
+        return json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": started, "owned_by": "blip2",
+             "architecture": engine.arch, "capabilities": engine.capabilities()}]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: S.ChatRequest, request: Request):
+        if not engine.has_llm:
+            raise RequestError("this checkpoint has no language model to chat with; use /v1/caption or /v1/itm")
+
+        def prepare() -> Job:
+            url, text = S.chat_inputs(body.messages, engine.template)
+            image = S.load_image(url, settings)
+            return engine.generation_job(image, text, body.decoding(), body.new_tokens(settings), body.seed,
+                                         body.stream)
+
+        job = await run_in_threadpool(prepare)
+        events = submit(job)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            return JobStream(_chat_events(events, rid, created, name, body.n), job)
+        result = await result_of(request, job, events)
+        if result is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return json_response(_chat_completion(result, rid, created, name))
+
+    @app.post("/v1/caption")
+    async def caption(body: S.CaptionRequest, request: Request):
+        def prepare() -> Job:
+            image = S.load_image(body.image, settings)
+            text = body.prompt.strip() if body.prompt else ""
+            return engine.generation_job(image, text, body.decoding(), body.new_tokens(settings), body.seed, False)
+
+        job = await run_in_threadpool(prepare)
+        result = await result_of(request, job, submit(job))
+        if result is None:
+            return Response(status_code=499)
+        out = {"id": f"caption-{uuid.uuid4().hex[:24]}", "object": "caption", "created": int(time.time()),
+               "model": name, "captions": [{k: c[k] for k in ("index", "text", "finish_reason")}
+                                           for c in result["choices"]], "usage": _usage(result)}
+        if result["seed"] is not None:
+            out["seed"] = result["seed"]
+        return json_response(out)
+
+    @app.post("/v1/itm")
+    async def itm(body: S.ItmRequest, request: Request):
+        def prepare() -> Job:
+            return engine.itm_job(S.load_image(body.image, settings), body.texts)
+
+        job = await run_in_threadpool(prepare)
+        result = await result_of(request, job, submit(job))
+        if result is None:
+            return Response(status_code=499)
+        return json_response({"object": "itm", "model": name, "scores": result["scores"]})
+
+    return app
+
+
+def _usage(result: dict) -> dict:
+    done = sum(c["tokens"] for c in result["choices"])
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": done,
+            "total_tokens": result["prompt_tokens"] + done}
+
+
+def _chat_completion(result: dict, rid: str, created: int, name: str) -> dict:
+    out = {"id": rid, "object": "chat.completion", "created": created, "model": name,
+           "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                        "finish_reason": c["finish_reason"]} for c in result["choices"]],
+           "usage": _usage(result)}
+    if result["seed"] is not None:
+        out["seed"] = result["seed"]  # the seed that reproduces these samples
+    return out
+
+
+async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str, n: int):
+    """OpenAI's chat.completion.chunk stream: a role chunk, content deltas, a finish chunk per choice, [DONE]."""
+
+    def chunk(choices: list[dict]) -> str:
+        return "data: " + _dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                  "model": name, "choices": choices}) + "\n\n"
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                 for i in range(n)])
+    while True:
+        kind, *rest = await events.get()
+        if kind == "delta":
+            i, text = rest
+            yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None}])
+        elif kind == "done":
+            result = rest[0]
+            yield chunk([{"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
+                         for c in result["choices"]])
+            break
+        else:  # the status line is already sent: the error travels as an event
+            yield "data: " + _dumps(_error_of(rest[-1])[1]) + "\n\n"
+            break
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
+          dtype=None, device=None, log_level: str = "info") -> None:
+    """Load a checkpoint and serve it until interrupted."""
+    import uvicorn
+
+    import blip2
+
+    model = blip2.load(model_dir, dtype=dtype, device=device)
+    uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level)
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a background thread on a free loopback port (tests, benchmarks)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
