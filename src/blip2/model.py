@@ -151,10 +151,13 @@ class Blip2Model(nn.Module):
 
     # -------------------------------------------------------------------------------------------- encoders
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder + ln_vision: [B, 3, H, W] -> [B, N, Dv]."""
+        """Frozen encoder + ln_vision: [B, 3, H, W] -> [B, N, Dv]. Precomputed encoder outputs [B, N, Dv] (the
+        frozen-feature cache of `blip2 cache-features`) skip the encoder and go through ln_vision only."""
+        dtype = self.ln_vision.weight.dtype
+        if pixel_values.ndim == 3 and pixel_values.shape[-1] == self.ln_vision.normalized_shape[0]:
+            return self.ln_vision(pixel_values.to(dtype))
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be [B, 3, H, W] (or [B, F, 3, H, W]), got {list(pixel_values.shape)}")
-        dtype = self.ln_vision.weight.dtype
         with torch.set_grad_enabled(self.vision_trainable and torch.is_grad_enabled()):
             feats = self.vision(pixel_values.to(dtype))
         return self.ln_vision(feats.to(dtype))
