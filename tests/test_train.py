@@ -80,16 +80,30 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
-def test_two_processes(tmp_path):
-    run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29700 + os.getpid() % 200), "-m", "blip2.cli", "train",
-           str(CONFIGS / "stage2-opt.yaml"), f"output_dir={run}", "max_steps=3", "save_every=2"]
+def _torchrun(run, port, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "blip2.cli", "train", str(CONFIGS / "stage2-opt.yaml"), f"output_dir={run}", "max_steps=3",
+           "save_every=2", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
+
+
+def test_two_processes_ddp_and_fsdp(tmp_path):
+    import blip2
+
+    port = 29700 + os.getpid() % 200
+    _torchrun(tmp_path / "ddp", port)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["samples"] == 3 * 8 * 2
-    assert [x["step"] for x in _losses(run)] == [1, 2, 3]
+    ddp = _losses(tmp_path / "ddp")
+    assert [x["step"] for x in ddp] == [1, 2, 3]
+    # the frozen LLM sharded across the two processes: the same losses, the same exported weights
+    _torchrun(tmp_path / "fsdp", port + 1, "fsdp=true")
+    for a, b in zip(ddp, _losses(tmp_path / "fsdp")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    a, b = blip2.load(tmp_path / "ddp" / "model"), blip2.load(tmp_path / "fsdp" / "model")
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=n)
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
@@ -122,3 +136,12 @@ def test_config_error_is_one_line(tmp_path):
     r = _train(CONFIGS / "stage1.yaml", "optim.lerning_rate=1", check=False)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "optim.lerning_rate" in r.stderr
+
+
+@pytest.mark.parametrize("name,key", [("stage1", "mean"), ("stage2-opt", "CIDEr")])
+def test_validation_during_training(tmp_path, name, key):
+    run = tmp_path / name
+    _train(CONFIGS / f"{name}.yaml", f"output_dir={run}", "max_steps=2", "val_every=2",
+           "data.val=synthetic:colors", "val_max_samples=8")
+    rows = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 2 and key in rows[0]

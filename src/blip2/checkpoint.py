@@ -293,8 +293,9 @@ def _processor(d: Path):
 
 
 # ------------------------------------------------------------------------------------------------ save
-def save_pretrained(model, path: str | Path, max_shard_size: int = 2 * 1024**3) -> None:
-    """Write config.json + safetensors (sharded above max_shard_size) + tokenizer files, atomically."""
+def save_pretrained(model, path: str | Path, max_shard_size: int = 2 * 1024**3, state: dict | None = None) -> None:
+    """Write config.json + safetensors (sharded above max_shard_size) + tokenizer files, atomically.
+    `state`: the model's state dict when it is not `model.state_dict()` (e.g. gathered from shards)."""
     from safetensors.torch import save_file
 
     cfg: Blip2Config = model.cfg
@@ -302,7 +303,7 @@ def save_pretrained(model, path: str | Path, max_shard_size: int = 2 * 1024**3) 
         hf_cfg = cfg.to_hf()
     except ConfigError as e:
         raise CheckpointError(f"cannot write the transformers format: {e}") from None
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     # tied weights: write each tensor once, under its first name (transformers re-ties on load)
     seen, unique = {}, {}
     for k, v in state.items():

@@ -120,17 +120,21 @@ class Collator:
     tokens (default 32 / 32 / 128); max_target_len: target tokens (T5 stage-2 suffix 32, instruct 256).
     caption_end: stage-2 decoder-only end of caption, "newline" or "eos" (default "newline" for OPT's GPT2
     tokenizer, else "eos"). seed: with each sample's (epoch, key), seeds its augmentation and T5 split.
+    image_features: a `feature_cache.FeatureStore`; when given, "pixel_values" holds each sample's cached
+    encoder output instead of pixels: [B, N, Dv] (the model then runs only ln_vision on it).
     """
 
     def __init__(self, kind: str, processor: Processor, encoder_decoder: bool = False, image_transform=None,
                  prompt: str | None = None, max_len: int | None = None, max_target_len: int | None = None,
-                 seed: int = 0, caption_end: str | None = None, qformer_max_len: int = 128):
+                 seed: int = 0, caption_end: str | None = None, qformer_max_len: int = 128,
+                 image_features=None):
         if kind not in KINDS:
             raise ValueError(f"unknown collator kind {kind!r}; choose one of {KINDS}")
         self.kind, self.processor, self.encoder_decoder = kind, processor, bool(encoder_decoder)
         if image_transform is None or isinstance(image_transform, ImageProcessor):
             image_transform = EvalTransform(image_transform or processor.image_processor)
         self.image_transform = image_transform
+        self.image_features = image_features
         self.prompt = (prompt or "").strip() if kind == "stage2" else ""
         if prompt and kind != "stage2":
             raise ValueError(f"prompt is a stage-2 setting; {kind} samples carry their own text")
@@ -170,7 +174,8 @@ class Collator:
             log.warning("skipping sample %s: %s%s", s.get("key", "?"), reason, more)
 
     def _load(self, samples: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
-        """The usable samples and their pixels [3, S, S]; bad ones are logged and dropped."""
+        """The usable samples and their pixels [3, S, S] (or cached features [N, Dv]); bad ones are logged
+        and dropped."""
         kept, pixels = [], []
         for s in samples:
             text = s.get("text")
@@ -178,11 +183,13 @@ class Collator:
                 self._skip(s, "empty text")
                 continue
             try:
-                img = open_image(s["image"])
+                if self.image_features is not None:
+                    pixels.append(self.image_features.lookup(s))  # (N, Dv); ImageError if it was unreadable
+                else:
+                    pixels.append(self.image_transform(open_image(s["image"]), self._rng(s, _IMAGE_RNG)))
             except ImageError as e:
                 self._skip(s, str(e))
                 continue
-            pixels.append(self.image_transform(img, self._rng(s, _IMAGE_RNG)))
             kept.append(s)
         return kept, pixels
 
@@ -264,4 +271,5 @@ class Collator:
         if not kept:
             return {"skipped": skipped}
         text = {"stage1": self._stage1, "stage2": self._stage2, "instruct": self._instruct}[self.kind](kept)
-        return {"pixel_values": torch.stack(pixels), **text, "skipped": skipped}  # pixels (B, 3, S, S)
+        # pixels (B, 3, S, S), or cached encoder outputs (B, N, Dv)
+        return {"pixel_values": torch.stack(pixels), **text, "skipped": skipped}

@@ -96,9 +96,9 @@ def train(cfg: RunConfig) -> dict:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, out_dir / "config.yaml")
-    _seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
-
+    _seed_everything(cfg.seed)  # the same random init on every rank (FSDP shards are not broadcast)
     model = build_model(cfg, out_dir / ("work" if is_main else f"work-rank{rank}"))
+    _seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
     amp_dtype, use_scaler = _amp(cfg, device)
     if amp_dtype is not None:  # frozen towers in reduced precision; trainable weights stay fp32 (master)
         model.vision.to(amp_dtype)
@@ -109,12 +109,15 @@ def train(cfg: RunConfig) -> dict:
         model.set_grad_checkpointing(True)
     model.train()
     objective = Objective(model, cfg.stage)
+    ignored: list[str] = []
     if cfg.fsdp and world > 1 and model.llm is not None:
         from .fsdp import shard_frozen_llm
 
-        shard_frozen_llm(model, device)
+        ignored = shard_frozen_llm(model, device)
     runner = objective
     if world > 1:
+        if ignored:  # DDP replicates the trainable parts; the sharded frozen LLM is FSDP's
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, ignored)
         runner = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
     optimizer = build_optimizer(model, cfg)
@@ -210,11 +213,18 @@ def train(cfg: RunConfig) -> dict:
         bar.close()
 
     _save(cfg, out_dir, cfg.max_steps, model, optimizer, scaler, data, counters, is_main)
+    full_state = None
+    if ignored:  # export needs the whole LLM weights
+        from .fsdp import full_state_dict
+
+        full_state = full_state_dict(model)
     summary = {"steps": cfg.max_steps, **counters, "wall_time_s": round(time.perf_counter() - t_start, 2),
                "world_size": world}
     if is_main:
         model.eval()
-        model.save_pretrained(out_dir / "model")  # the transformers format
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
         from ..convert_lavis import save_lavis
 
         save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)

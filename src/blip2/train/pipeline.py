@@ -45,10 +45,18 @@ class TrainData:
         size = d.image_size or model.cfg.vision.image_size
         ip = ImageProcessor(image_size=size)
         transform = TrainTransform(ip) if d.augment else EvalTransform(ip)
+        features = None
+        if d.feature_cache:  # cached encoder outputs replace the pixels (blip2 cache-features)
+            if d.augment:
+                raise RunConfigError("data.feature_cache holds the encoder outputs of un-augmented images: "
+                                     "set data.augment=false to use it, or unset data.feature_cache")
+            from .feature_cache import open_feature_store
+
+            features = open_feature_store(d.feature_cache, model, size)
         max_len = d.max_text_len if cfg.stage != "instruct" else max(d.max_text_len, 128)
         self.collator = Collator(cfg.stage, model.processor, encoder_decoder=model.cfg.is_encoder_decoder,
                                  image_transform=transform, prompt=d.prompt if cfg.stage == "stage2" else None,
-                                 max_len=max_len, seed=cfg.seed)
+                                 max_len=max_len, seed=cfg.seed, image_features=features)
         self.batch_size, self.epoch, self.sampler, self.seed = d.batch_size, 0, None, cfg.seed
         if d.mixture:
             if cfg.stage != "instruct":

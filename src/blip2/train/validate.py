@@ -1,0 +1,27 @@
+"""Validation during training: retrieval recall for stage 1, captioning / VQA metrics for stage 2 and
+instruction tuning (through blip2.evaluation, on `data.val`, at most `val_max_samples` entries)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import RunConfig, RunConfigError
+
+
+def validate(cfg: RunConfig, model) -> dict:
+    from ..evaluation import evaluate
+    from .pipeline import _resolve
+
+    d = cfg.data
+    if d.val is None:
+        raise RunConfigError("val_every is set but data.val is not: give a validation annotation file")
+    size = d.image_size or model.cfg.vision.image_size
+    path, root = _resolve(d.val, d.val_image_root or d.image_root, Path(cfg.output_dir) / "work", size)
+    task = "retrieval" if cfg.stage == "stage1" else ("vqa" if d.task == "vqa" else "caption")
+    kw = {"k": 16} if task == "retrieval" else {"generation": {"num_beams": 1}}
+    report = evaluate(task, model, path, images=root, limit=cfg.val_max_samples, progress=False,
+                      batch_size=d.batch_size, **kw)
+    if report is None:  # not process 0
+        return {}
+    metrics = report.get("metrics", {})
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
