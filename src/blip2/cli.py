@@ -97,6 +97,17 @@ def cmd_train(a) -> None:
     print(json.dumps(summary))
 
 
+def cmd_cache_features(a) -> None:
+    """Run the frozen image encoder once over the training images of a run config and store its outputs
+    (sharded safetensors) in data.feature_cache (default OUTPUT/feature_cache); key=value pairs override the
+    config. Training with data.feature_cache set and data.augment=false then reads them instead of images."""
+    from .train.config import load_run_config
+    from .train.feature_cache import cache_features
+
+    cfg = load_run_config(a.config, a.overrides)
+    print(cache_features(cfg))
+
+
 def cmd_eval(a) -> None:
     """Evaluate a checkpoint on a benchmark: captioning (BLEU, METEOR, ROUGE-L, CIDEr), VQA (VQAv2 accuracy / exact
     match), image-text retrieval (recall@K) or multiple choice (likelihood ranking). Batched; under torchrun the
@@ -188,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = add("train", cmd_train)
     p.add_argument("config", help="run config (YAML), e.g. configs/tiny/stage1.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
+    p = add("cache-features", cmd_cache_features)
+    p.add_argument("config", help="run config (YAML) whose training images are encoded")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
     p = add("eval", cmd_eval)
     p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "choice"])

@@ -307,8 +307,7 @@ def cache_features(cfg: RunConfig, progress: bool = True, shard_bytes: int = SHA
     want = expected_meta(model, size)
     want["fingerprint"] = {name: vision_fingerprint(model.vision, dt) for name, dt in _DTYPES.items()}
 
-    streamed = not hasattr(data.dataset, "__len__")  # webdataset shards
-    if streamed:
+    if isinstance(data.dataset, IterableDataset):  # webdataset shards: listing the keys is a pass over the tars
         keys = [k for k, _ in unique_images(data.dataset)]
         images = _ShardImages(data.dataset, data.collator.image_transform)
     else:
@@ -346,7 +345,8 @@ def _encode_all(vision, images, total: int, tmp: Path, cfg: RunConfig, shard_byt
     loader = DataLoader(images, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         collate_fn=_collate)
     writer, bad = None, {}
-    bar = tqdm(total=total, desc="cache-features", unit="img", disable=not progress, dynamic_ncols=True)
+    off = {} if progress else {"disable": True}  # (passing disable=False would override TQDM_DISABLE=1)
+    bar = tqdm(total=total, desc="cache-features", unit="img", dynamic_ncols=True, **off)
     for items in loader:
         good = [(k, x) for k, x in items if torch.is_tensor(x)]
         bad.update({k: x for k, x in items if not torch.is_tensor(x)})
