@@ -259,6 +259,10 @@ class _CausalLMRunner:
     def prefill(self) -> torch.Tensor:
         """Logits [N, V] of the next token after the whole prompt."""
         kw = self.kwargs if self.position_ids is None else {**self.kwargs, "position_ids": self.position_ids}
+        if "logits_to_keep" in kw:
+            # the last position as an index: the sliced hidden states are then contiguous and the head is one
+            # plain matrix product (the strided slice of `logits_to_keep=1` can take a batched-matmul path)
+            kw = {**kw, "logits_to_keep": torch.tensor([self.embeds.shape[1] - 1], device=self.embeds.device)}
         out = self.lm(inputs_embeds=self.embeds, attention_mask=self.prefill_mask, **kw)
         self.embeds = None  # no longer needed
         return out.logits[:, -1].float()
