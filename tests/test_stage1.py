@@ -100,3 +100,28 @@ def test_decoder_token_id_sources():
     assert decoder_token_id(model(bos=42)) == 42
     tok = SimpleNamespace(bos_token="[DEC]", bos_token_id=7)
     assert decoder_token_id(model(bos=42, tok=tok)) == 7
+
+
+def test_grad_checkpointing_gives_the_same_losses_and_grads():
+    from blip2.config import VisionConfig
+    from blip2.model import Blip2Model
+    from blip2.stage1 import stage1_config
+
+    torch.manual_seed(0)
+    cfg = stage1_config(VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4,
+                                     mlp_hidden_size=64),
+                        num_query_tokens=4, vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+    model = Blip2Model(cfg).train()
+    batch = _color_batch(torch.Generator().manual_seed(5))
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        out = model.losses(*batch, generator=torch.Generator().manual_seed(3))
+        out["loss"].backward()
+        results.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6) and set(g0) == set(g1)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], atol=1e-6, rtol=1e-5, msg=n)
