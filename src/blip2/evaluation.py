@@ -224,16 +224,12 @@ def distributed_session(device: str | None = None):
 
 # --------------------------------------------------------------------------------------------- images
 def _processor(model):
-    if model.processor is None:
-        raise ValueError("evaluation needs the checkpoint's tokenizer and image settings: load a directory with "
-                         "tokenizer files (blip2.load) or set model.processor")
-    return model.processor
+    return model.need_processor()
 
 
 def _pixels(model, images) -> torch.Tensor:
     """A pixel tensor [N, 3, H, W] on the model's device from a tensor or a list of images / paths."""
-    px = images if isinstance(images, torch.Tensor) else _processor(model).images(list(images))
-    return px.to(model.device)
+    return model.pixel_values(images if isinstance(images, torch.Tensor) else list(images))
 
 
 def _opens(path: str) -> bool:

@@ -284,20 +284,22 @@ class Blip2Model(nn.Module):
         return generate(self.llm, inputs_embeds, mask, gcfg, input_ids=prompt_ids)
 
     # ------------------------------------------------------------------------------------- text helpers
-    def _need_processor(self):
+    def need_processor(self):
+        """The attached Processor, or a clear error when the checkpoint came without tokenizer files."""
         if self.processor is None:
             raise ValueError("no tokenizer is attached to this model: load it from a directory with tokenizer "
                              "files (blip2.load) or set model.processor = blip2.processing.Processor(...)")
         return self.processor
 
-    def _pixels(self, images) -> torch.Tensor:
+    def pixel_values(self, images) -> torch.Tensor:
+        """Pixel values on the model's device from a tensor, or from images / paths through the processor."""
         if isinstance(images, torch.Tensor):
             return images.to(self.device)
-        return self._need_processor().images(images).to(self.device)
+        return self.need_processor().images(images).to(self.device)
 
     def _generate_text(self, images, prompts: list[str] | None, qformer_texts: list[str] | None, **generation):
-        proc = self._need_processor()
-        pixels = self._pixels(images)
+        proc = self.need_processor()
+        pixels = self.pixel_values(images)
         ids = mask = q_ids = q_mask = None
         if prompts is not None:
             ids, mask = proc.tokenize_prompts(prompts)
@@ -314,7 +316,7 @@ class Blip2Model(nn.Module):
         if self.llm is None:  # a stage-1 / retrieval model: the Q-Former itself decodes (ITG)
             from .qformer_caption import qformer_generate
 
-            return self._need_processor().decode(qformer_generate(self, self._pixels(images), **generation))
+            return self.need_processor().decode(qformer_generate(self, self.pixel_values(images), **generation))
         n = _batch_len(images)
         prompts = [prompt] * n if prompt else None
         if prompts is None and self.cfg.is_encoder_decoder:
