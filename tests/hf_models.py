@@ -93,3 +93,40 @@ def with_placeholders(ids: torch.Tensor, mask: torch.Tensor | None = None, n: in
     if mask is None:
         return out, torch.ones_like(out)
     return out, torch.cat([torch.ones_like(ph), mask], 1)
+
+
+def checkpoint_with_processor(kind: str, d):
+    """A transformers checkpoint directory (model + processor files) for `kind`, and the reference objects."""
+    from transformers import (AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
+                              InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor)
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from fixtures import make_bert_tokenizer, make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer
+
+    llm = kind.split("-")[1]
+    make = {"opt": make_gpt2_tokenizer, "llama": make_llama_tokenizer, "t5": make_t5_tokenizer}[llm]
+    tok = AutoTokenizer.from_pretrained(make(d / "_tok", vocab_size=400))
+    if "<image>" not in tok.get_vocab():
+        tok.add_tokens(["<image>"], special_tokens=True)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    text = {"opt": OPT, "llama": LLAMA_GQA, "t5": T5_UNTIED}[llm]
+    text = {**text, "vocab_size": len(tok) + 8, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    if kind.startswith("instructblip"):
+        qtok = AutoTokenizer.from_pretrained(make_bert_tokenizer(d / "_qtok"))
+        cfg = InstructBlipConfig(vision_config=VISION, qformer_config={**QFORMER, "vocab_size": 400},
+                                 text_config=text, num_query_tokens=NUM_QUERY, image_token_index=image_token)
+        hf = InstructBlipForConditionalGeneration(cfg)
+        proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
+                                     num_query_tokens=NUM_QUERY)
+    else:
+        cfg = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=text,
+                          num_query_tokens=NUM_QUERY, image_token_index=image_token)
+        hf = Blip2ForConditionalGeneration(cfg)
+        proc = Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=NUM_QUERY)
+    hf = _untie_t5(_randomize(hf, 1)).eval()
+    hf.save_pretrained(d)
+    proc.save_pretrained(d)
+    return hf, proc

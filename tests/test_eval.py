@@ -14,8 +14,8 @@ import torch
 import blip2
 from blip2 import cli, evaluation
 from blip2.evaluation import choice_scores, rank_choices, read_caption_data, read_choice_data, read_vqa_data
-from fixtures import make_bert_tokenizer, make_gpt2_tokenizer, make_t5_tokenizer, sample_image
-from hf_models import NUM_QUERY, OPT, QFORMER, T5_UNTIED, VISION, _randomize, _untie_t5, retrieval_hf
+from fixtures import make_bert_tokenizer, sample_image
+from hf_models import NUM_QUERY, checkpoint_with_processor, retrieval_hf
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
@@ -30,36 +30,8 @@ def _one_thread():
 
 
 def _checkpoint(kind: str, d):
-    """A transformers checkpoint directory (model + processor files) and the transformers model itself."""
-    from transformers import (AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
-                              InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor)
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
-    t5 = kind == "instructblip-t5"
-    tok = AutoTokenizer.from_pretrained((make_t5_tokenizer if t5 else make_gpt2_tokenizer)(d / "_tok", vocab_size=400))
-    if "<image>" not in tok.get_vocab():
-        tok.add_tokens(["<image>"], special_tokens=True)
-    image_token = tok.convert_tokens_to_ids("<image>")
-    text = {**(T5_UNTIED if t5 else OPT), "vocab_size": len(tok) + 8, "pad_token_id": tok.pad_token_id,
-            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
-    ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
-    torch.manual_seed(0)
-    if t5:
-        qtok = AutoTokenizer.from_pretrained(make_bert_tokenizer(d / "_qtok"))
-        cfg = InstructBlipConfig(vision_config=VISION, qformer_config={**QFORMER, "vocab_size": 400},
-                                 text_config=text, num_query_tokens=NUM_QUERY, image_token_index=image_token)
-        hf = InstructBlipForConditionalGeneration(cfg)
-        proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok,
-                                     num_query_tokens=NUM_QUERY)
-    else:
-        cfg = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=text, num_query_tokens=NUM_QUERY,
-                          image_token_index=image_token)
-        hf = Blip2ForConditionalGeneration(cfg)
-        proc = Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=NUM_QUERY)
-    hf = _untie_t5(_randomize(hf, 1)).eval()
-    hf.save_pretrained(d)
-    proc.save_pretrained(d)
-    return hf
+    """A transformers checkpoint directory (model + processor files); returns the transformers model."""
+    return checkpoint_with_processor(kind, d)[0]
 
 
 @pytest.fixture(scope="module", params=["blip2-opt", "instructblip-t5"])

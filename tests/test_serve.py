@@ -29,7 +29,8 @@ from blip2.serve import BackgroundServer, ServeSettings, create_app  # noqa: E40
 from blip2.serve.batching import Batcher, Job, QueueFull  # noqa: E402
 from fixtures import make_bert_tokenizer, sample_image  # noqa: E402
 from hf_models import NUM_QUERY, QFORMER, VISION, _randomize  # noqa: E402
-from test_api import _checkpoint, _reference_texts  # noqa: E402
+from hf_models import checkpoint_with_processor as _checkpoint  # noqa: E402
+from test_api import _reference_texts  # noqa: E402
 
 IMAGES = [sample_image(40), sample_image((48, 36)).rotate(90), sample_image(33).convert("L"), sample_image(52)]
 QUESTIONS = ["what is the man holding?", "what color is the cat?", "describe the image", "is it raining?"]

@@ -22,7 +22,7 @@ if CHROMIUM is None:
 import blip2  # noqa: E402
 from blip2.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
 from fixtures import sample_image  # noqa: E402
-from test_api import _checkpoint  # noqa: E402
+from hf_models import checkpoint_with_processor as _checkpoint  # noqa: E402
 from test_serve import Client, chat_body  # noqa: E402
 
 
