@@ -176,8 +176,7 @@ class Blip2Model(nn.Module):
                 if qformer_attention_mask is not None:
                     qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
         image = self.encode_image(pixel_values)
-        if self.cfg.architecture == "instructblip" and qformer_input_ids is None:
-            pass  # no instruction: BLIP-2 behaviour (the ablation of SPEC §1)
+        # without qformer_input_ids an InstructBLIP Q-Former sees only the queries: BLIP-2 behaviour (SPEC §1)
         out = self.qformer(image, input_ids=qformer_input_ids, text_mask=qformer_attention_mask, mode="itm")
         q = out.query_output  # (B*F, Q, H)
         if frames > 1:
