@@ -16,6 +16,7 @@ def load(path, dtype=None, device=None, config=None, vit=None, llm=None):
 
     - a directory in the transformers format (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
       InstructBlipForConditionalGeneration);
+    - a training run's directory (its exported `model/` is loaded);
     - a LAVIS `.pth` file: `config` (a preset name, a Blip2Config or a transformers-style config.json path)
       describes the architecture; `vit` (an eva_vit_g.pth-style file) and `llm` (a transformers directory) supply
       the frozen towers the file does not hold (see blip2.convert_lavis.load_lavis).
@@ -31,6 +32,9 @@ def load(path, dtype=None, device=None, config=None, vit=None, llm=None):
         return load_lavis(path, config, vit=vit, llm=llm, dtype=dtype, device=device)
     from .checkpoint import load_pretrained
 
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        path = p / "model"  # a `blip2 train` output directory
     return load_pretrained(path, dtype=dtype, device=device)
 
 

@@ -127,6 +127,16 @@ def cmd_eval(a) -> None:
         print(json.dumps(report, indent=2) if a.json else markdown_report(report), end="\n" if a.json else "")
 
 
+def cmd_quickstart(a) -> None:
+    """Train BLIP-2 and InstructBLIP end to end on a generated world of coloured shapes, on a CPU, with real
+    pretrained parts (all-MiniLM-L6-v2 for the Q-Former, SmolLM2-135M-Instruct as the frozen LLM): stage 0 (the
+    image encoder), stage 1, stage 2, instruction tuning, evaluation and ablations; writes report.md / report.json
+    and pictures to --output. Rerunning skips finished steps and resumes an interrupted one."""
+    from .quickstart.run import run_quickstart
+
+    run_quickstart(a.output, smoke=a.smoke, configs=a.configs, progress=not a.no_progress)
+
+
 def cmd_serve(a) -> None:
     """Serve a checkpoint over HTTP: OpenAI-style /v1/chat/completions (streaming), /v1/caption, /v1/itm,
     /health, /v1/models and a web page at / (needs the `serve` extra: fastapi, uvicorn)."""
@@ -243,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="allow local image paths, only under this folder")
     p.add_argument("--template", default=None, help='BLIP-2 chat prompt template, default "Question: {} Short answer:"')
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p = add("quickstart", cmd_quickstart)
+    p.add_argument("--smoke", action="store_true", help="the same pipeline at toy size (a few minutes)")
+    p.add_argument("--output", default=None, help="run directory (default runs/quickstart, or runs/quickstart-smoke)")
+    p.add_argument("--configs", default=None, help="directory of the step configs (default configs/quickstart)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = add("demo", cmd_demo)
     p.add_argument("--output", default="runs/demo", help="where the tiny checkpoint is written")
     return ap

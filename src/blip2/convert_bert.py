@@ -71,6 +71,7 @@ def qformer_config_from_bert(directory: str | Path, **overrides) -> QFormerConfi
 
 def init_qformer_from_bert(qformer, directory: str | Path) -> dict[str, list[str]]:
     """Copy BERT weights into `qformer` (in place). Returns {"copied": [...], "random": [...]} (our keys).
+    A Q-Former without a text side gets BERT's attention layers and the text FFN as its query FFN.
 
     A vocabulary larger than BERT's (the appended [DEC] token) keeps its extra rows randomly initialised."""
     state = {_normalise(k): v for k, v in read_weights(directory).items()}
@@ -88,6 +89,10 @@ def init_qformer_from_bert(qformer, directory: str | Path) -> dict[str, list[str
         tt = state.get("embeddings.token_type_embeddings.weight")
         if tt is not None:
             copied["embeddings.position_embeddings.weight"] = copied["embeddings.position_embeddings.weight"] + tt[0]
+    if "embeddings.word_embeddings.weight" not in own:  # a Q-Former without its text side (BLIP-2 generation):
+        # the query path takes BERT's self-attention and, for its FFN, the text FFN (as the text side would)
+        copied = {k.replace(".ffn_text.", ".ffn_query."): v for k, v in copied.items()
+                  if not k.startswith(("embeddings.word_", "embeddings.position_", "lm_head."))}
     missing_layers = [k for k in copied if k not in own]
     if missing_layers:
         raise CheckpointError(f"{directory}: BERT weights do not fit this Q-Former (more layers or no text side?): "

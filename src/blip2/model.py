@@ -231,10 +231,13 @@ class Blip2Model(nn.Module):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 qformer_input_ids: torch.Tensor | None = None, qformer_attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                ) -> Blip2Output:
+                loss_only: bool = False) -> Blip2Output:
         """LLM logits for the text positions (`input_ids` are text only; transformers-processor placeholder
         tokens are accepted and dropped). With `labels` ([B, T] aligned with `input_ids`, -100 = ignore) the
-        loss is the shifted LM loss (decoder-only) or the decoder loss (encoder-decoder)."""
+        loss is the shifted LM loss (decoder-only) or the decoder loss (encoder-decoder).
+
+        loss_only=True (training): a decoder-only LLM with a plain output head applies the head at the labelled
+        positions only (the same loss, without the [B, T, vocab] logits); `logits` is then None."""
         q, vis, input_ids, inputs_embeds, mask, labels = self._llm_inputs(
             pixel_values, input_ids, attention_mask, qformer_input_ids, qformer_attention_mask, labels)
         n_vis = vis.shape[1]
@@ -242,6 +245,16 @@ class Blip2Model(nn.Module):
             out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                            decoder_attention_mask=decoder_attention_mask, labels=labels)
             return Blip2Output(logits=out.logits, loss=out.loss, query_output=q, language_model_inputs=vis)
+        if loss_only and labels is not None and self.llm.config.model_type in _PLAIN_HEAD_LLMS:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {list(labels.shape)} must have the shape of the text input_ids "
+                                 f"{list(input_ids.shape)}")
+            hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+            hidden = hidden[:, n_vis - 1:-1]  # (B, T, D): position t predicts labels[:, t]
+            keep = labels.to(hidden.device) != -100
+            logits = self.llm.get_output_embeddings()(hidden[keep])  # (K, V), K = labelled tokens
+            loss = F.cross_entropy(logits.float(), labels.to(hidden.device)[keep])
+            return Blip2Output(logits=None, loss=loss, query_output=q, language_model_inputs=vis)
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask)
         logits = out.logits[:, n_vis:]  # (B, T, V): text positions only
         loss = None
@@ -405,6 +418,10 @@ class Blip2Model(nn.Module):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
+# decoder-only LLMs whose logits are exactly output_embeddings(decoder(...).last_hidden_state)
+_PLAIN_HEAD_LLMS = ("llama", "opt", "mistral", "qwen2")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

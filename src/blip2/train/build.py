@@ -11,7 +11,8 @@ from ..model import Blip2Model
 from ..processing import ImageProcessor, Processor
 from .config import RunConfig, RunConfigError
 
-_ARCH_FOR_STAGE = {"stage1": ("blip2-retrieval",), "stage2": ("blip2", "instructblip"), "instruct": ("instructblip",)}
+_ARCH_FOR_STAGE = {"stage1": ("blip2-retrieval",), "stage2": ("blip2", "instructblip"),
+                   "instruct": ("instructblip", "blip2")}  # instruct + blip2: the instruction reaches the LLM only
 
 
 def _tokenizer(path: str):
@@ -38,10 +39,30 @@ def _tiny_bert_tokenizer(directory: Path):
     return _tokenizer(str(make_bert_tokenizer(directory)))
 
 
+def _llm_hf_config(path: str) -> dict:
+    """The LLM's config.json as an llm.hf_config dict."""
+    import json
+
+    f = Path(path) / "config.json"
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise RunConfigError(f"model.llm_path: cannot read {f}: {e}") from None
+    if "model_type" not in d:
+        raise RunConfigError(f"model.llm_path: {f} has no model_type")
+    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
+        d.pop(k, None)
+    return d
+
+
 def _preset_config(cfg: RunConfig) -> Blip2Config:
     m = cfg.model
-    bcfg = Blip2Config.from_preset(m.preset)
-    d = bcfg.to_dict()
+    if m.preset:
+        d = Blip2Config.from_preset(m.preset).to_dict()
+    else:  # assembled from parts: the LLM from llm_path, vision and Q-Former from their sections
+        arch = m.architecture or ("instructblip" if cfg.stage == "instruct" else "blip2")
+        d = {"architecture": arch, "vision": {}, "qformer": {"use_text": arch == "instructblip"},
+             "llm": {"hf_config": _llm_hf_config(m.llm_path)}}
     d["vision"].update(m.vision)
     d["qformer"].update(m.qformer)
     if m.llm:
@@ -60,6 +81,13 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
 
     m = cfg.model
     tok_dir = Path(work_dir) / "tokenizers"
+    if cfg.stage == "stage0":
+        from ..stage0 import ImageTextAligner
+
+        model = ImageTextAligner(VisionConfig(**m.vision), m.bert)
+        model.processor = Processor(ImageProcessor(image_size=cfg.data.image_size or model.cfg.vision.image_size),
+                                    _tokenizer(m.qformer_tokenizer or m.bert), padding_side="right")
+        return model.float()
     if cfg.stage == "stage1" and m.bert:
         from ..stage1 import from_bert
 
@@ -70,6 +98,8 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
             model.processor = _processor_from_paths(cfg, model.cfg, tok_dir)
     else:
         bcfg = _preset_config(cfg)
+        if not m.preset and not m.tokenizer:
+            m.tokenizer = m.llm_path  # an LLM directory carries its tokenizer
         llm_tok, q_tok = _tokenizers(cfg, bcfg, tok_dir)
         if bcfg.llm is not None and llm_tok is not None:
             hf = bcfg.llm.hf_config
@@ -93,8 +123,12 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
                                         padding_side="right" if bcfg.is_encoder_decoder else "left")
     if m.llm_path:
         _load_llm_weights(model, m.llm_path)
-    if m.qformer_init:
-        _copy_stage1(model, m.qformer_init)
+    if m.bert and cfg.stage != "stage1":  # the Q-Former straight from BERT (BLIP-2's no-stage-1 ablation)
+        from ..convert_bert import init_qformer_from_bert
+
+        init_qformer_from_bert(model.qformer, m.bert)
+    for path in ([m.qformer_init] if isinstance(m.qformer_init, str) else m.qformer_init or []):
+        _copy_stage1(model, path)
     if m.vit_path and not m.init:  # (a LAVIS init reads vit_path itself)
         from ..convert_lavis import load_vit_weights
 
@@ -141,12 +175,13 @@ def _processor_from_paths(cfg: RunConfig, bcfg: Blip2Config, tok_dir: Path):
 
 def _copy_stage1(model: Blip2Model, path: str) -> None:
     """Stage 2 starts from stage 1: copy the image encoder, ln_vision, the queries and the Q-Former weights that
-    the target has (BLIP-2 drops the text side; InstructBLIP keeps it)."""
+    the target has (BLIP-2 drops the text side; InstructBLIP keeps it), and the LLM projection when the source
+    has one of the same shape (instruction tuning from a stage-2 result)."""
     import blip2
 
     src = blip2.load(path).state_dict()
     own = model.state_dict()
-    parts = ("vision.", "ln_vision.", "qformer.")
+    parts = ("vision.", "ln_vision.", "qformer.", "query_tokens", "language_projection.")
     copied = 0
     with torch.no_grad():
         for k, v in src.items():

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("stage1", "stage2", "instruct")
+STAGES = ("stage0", "stage1", "stage2", "instruct")
 
 
 class RunConfigError(ValueError):
@@ -24,10 +24,15 @@ class RunConfigError(ValueError):
 @dataclass
 class ModelSection:
     """Which model to train. One of: `preset` (random weights, e.g. "tiny-opt"), `init` (a checkpoint directory,
-    a LAVIS .pth with `config`, or a run's exported model), or for stage 1 `bert` (the Q-Former from a BERT
-    checkpoint) with `vision`. `llm_path` loads pretrained LLM weights (a transformers directory) into the
-    model's LLM; `tokenizer` / `qformer_tokenizer` are tokenizer directories. `tiny_tokenizers: true` trains
-    small tokenizers on the fly (for the tiny configs that need no files)."""
+    a LAVIS .pth with `config`, or a run's exported model), for stage 1 `bert` (the Q-Former from a BERT
+    checkpoint) with `vision`, or for stages 2 / instruct `llm_path` with `vision` and `qformer` (the
+    architecture assembled from parts; the LLM's config, weights and tokenizer come from that directory).
+    Stage 0 trains the `vision` encoder against the frozen sentence encoder at `bert`.
+    `llm_path` also loads pretrained LLM weights into a preset's LLM; `tokenizer` / `qformer_tokenizer` are
+    tokenizer directories. `tiny_tokenizers: true` trains small tokenizers on the fly (for the tiny configs that
+    need no files). `qformer_init` (a directory or a list, copied in order) starts from earlier stages' weights.
+    `architecture` picks blip2 or instructblip where the parts are assembled (instruct with blip2 = the
+    instruction reaches the LLM only, InstructBLIP's ablation)."""
 
     preset: str | None = None
     init: str | None = None
@@ -38,7 +43,8 @@ class ModelSection:
     llm: dict = field(default_factory=dict)  # LLM hf_config fields (merged into the preset's)
     llm_path: str | None = None
     vit_path: str | None = None  # frozen encoder weights (eva_vit_g.pth style)
-    qformer_init: str | None = None  # a stage-1 result: its Q-Former, queries, ln_vision (and ViT) are copied
+    qformer_init: Any = None  # earlier results (a dir or a list): Q-Former, queries, ln_vision, ViT, projection copied
+    architecture: str | None = None  # blip2 | instructblip, for a model assembled from parts (default by stage)
     tokenizer: str | None = None
     qformer_tokenizer: str | None = None
     tiny_tokenizers: bool = False
@@ -115,8 +121,15 @@ class RunConfig:
         if self.data.batch_size < 1:
             raise RunConfigError("data.batch_size: must be >= 1")
         m = self.model
-        if not (m.preset or m.init or m.bert):
-            raise RunConfigError("model: give one of model.preset, model.init or model.bert")
+        if not (m.preset or m.init or m.bert or m.llm_path):
+            raise RunConfigError("model: give one of model.preset, model.init, model.bert or model.llm_path")
+        if self.stage == "stage0" and not (m.bert and m.vision):
+            raise RunConfigError("stage0: give model.vision (the encoder to train) and model.bert (the frozen "
+                                 "sentence encoder directory)")
+        if self.stage == "stage0" and self.val_every:
+            raise RunConfigError("val_every: stage 0 has no validation; set it to 0")
+        if m.architecture not in (None, "blip2", "instructblip"):
+            raise RunConfigError(f"model.architecture: blip2 or instructblip, got {m.architecture!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

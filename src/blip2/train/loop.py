@@ -38,12 +38,12 @@ class Objective(torch.nn.Module):
         self.model, self.stage = model, stage
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        if self.stage == "stage1":
+        if self.stage in ("stage0", "stage1"):
             return self.model.losses(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                      image_ids=batch.get("image_ids"), generator=generator)
         keys = ("pixel_values", "input_ids", "attention_mask", "labels", "qformer_input_ids",
                 "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask")
-        out = self.model(**{k: batch[k] for k in keys if k in batch})
+        out = self.model(**{k: batch[k] for k in keys if k in batch}, loss_only=True)
         return {"lm_loss": out.loss, "loss": out.loss}
 
 
@@ -222,12 +222,15 @@ def train(cfg: RunConfig) -> dict:
                "world_size": world}
     if is_main:
         model.eval()
-        from ..checkpoint import save_pretrained
+        if cfg.stage == "stage0":  # the image encoder alone, for the next stages' model.vit_path
+            model.export(out_dir / "model")
+        else:
+            from ..checkpoint import save_pretrained
 
-        save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
-        from ..convert_lavis import save_lavis
+            save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
+            from ..convert_lavis import save_lavis
 
-        save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
+            save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plots:
             _plot(metrics_path, out_dir / "loss.png")

@@ -54,7 +54,8 @@ class TrainData:
 
             features = open_feature_store(d.feature_cache, model, size)
         max_len = d.max_text_len if cfg.stage != "instruct" else max(d.max_text_len, 128)
-        self.collator = Collator(cfg.stage, model.processor, encoder_decoder=model.cfg.is_encoder_decoder,
+        kind = "stage1" if cfg.stage == "stage0" else cfg.stage  # stage 0 reads (image, caption) pairs too
+        self.collator = Collator(kind, model.processor, encoder_decoder=model.cfg.is_encoder_decoder,
                                  image_transform=transform, prompt=d.prompt if cfg.stage == "stage2" else None,
                                  max_len=max_len, seed=cfg.seed, image_features=features)
         self.batch_size, self.epoch, self.sampler, self.seed = d.batch_size, 0, None, cfg.seed
@@ -83,7 +84,7 @@ class TrainData:
             if d.train is None:
                 raise RunConfigError("data.train: give an annotation file, shards, or a data.mixture")
             path, root = _resolve(d.train, d.image_root, work_dir, size)
-            raw = _annotation_dataset(d.task if cfg.stage != "stage1" else "caption", path, root)
+            raw = _annotation_dataset(d.task if cfg.stage not in ("stage0", "stage1") else "caption", path, root)
             self.dataset = TaskDataset(raw, d.task, seed=cfg.seed) if cfg.stage == "instruct" else raw
             if len(self.dataset) < self.batch_size * world:
                 raise RunConfigError(f"data.train has {len(self.dataset)} samples, fewer than one global batch "
