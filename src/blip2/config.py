@@ -183,6 +183,10 @@ class Blip2Config:
     qformer_max_text_len: int = 128  # InstructBLIP instruction length in the Q-Former
     vision_trainable: bool = False  # the image encoder is frozen in every BLIP-2 stage
     llm_trainable: bool = False  # the LLM is frozen too
+    # token ids put in front of the visual prompt (decoder-only LLMs): a small LLM treats its first position as
+    # an attention sink and cannot read a soft prompt placed there; a real token first fixes that. None (no
+    # prefix) in every public checkpoint; the quickstart's SmolLM2 uses its <|endoftext|>.
+    llm_prefix_ids: list[int] | None = None
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -200,6 +204,9 @@ class Blip2Config:
             _check(self.llm is not None, f"architecture {self.architecture!r} needs an llm section")
         if self.architecture == "instructblip" or self.stage1_heads:
             self.qformer.use_text = True
+        if self.llm_prefix_ids:
+            _check(not self.is_encoder_decoder, "llm_prefix_ids is for decoder-only LLMs")
+            self.llm_prefix_ids = [int(i) for i in self.llm_prefix_ids]
         if self.vision.kind == "eva":
             # the cross-attention K/V input width must equal the vision width
             self.qformer.encoder_hidden_size = self.vision.hidden_size
@@ -293,6 +300,7 @@ class Blip2Config:
             llm=llm,
             image_text_hidden_size=d.get("image_text_hidden_size", 256),
             image_token_index=d.get("image_token_index", d.get("image_token_id")),
+            llm_prefix_ids=d.get("llm_prefix_ids"),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -333,6 +341,8 @@ class Blip2Config:
             out["text_config"] = dict(self.llm.hf_config)
         if self.image_token_index is not None:
             out["image_token_index"] = self.image_token_index
+        if self.llm_prefix_ids:  # ours only: transformers' classes ignore it (they would put no prefix)
+            out["llm_prefix_ids"] = list(self.llm_prefix_ids)
         return out
 
     def save(self, path: str | Path) -> None:

@@ -31,7 +31,7 @@ class Blip2Output:
     logits: torch.Tensor  # [B, T, V]: text positions (decoder positions for encoder-decoder LLMs)
     loss: torch.Tensor | None = None
     query_output: torch.Tensor | None = None  # [B, F*Q, H] Q-Former query outputs
-    language_model_inputs: torch.Tensor | None = None  # [B, F*Q, D] the soft visual prompt
+    language_model_inputs: torch.Tensor | None = None  # [B, P+F*Q, D] the soft visual prompt (P prefix tokens)
 
 
 def build_llm(cfg: Blip2Config) -> nn.Module:
@@ -184,12 +184,17 @@ class Blip2Model(nn.Module):
         return q
 
     def visual_prompts(self, pixel_values: torch.Tensor, qformer_input_ids=None, qformer_attention_mask=None):
-        """(query outputs [B, F*Q, H], soft visual prompt [B, F*Q, D_llm] in the LLM's dtype)."""
+        """(query outputs [B, F*Q, H], soft visual prompt [B, P + F*Q, D_llm] in the LLM's dtype), where the
+        P = len(cfg.llm_prefix_ids) embeddings of the prefix tokens (usually none) come first."""
         if self.llm is None:
             raise ValueError("this checkpoint has no language model (architecture 'blip2-retrieval')")
         q = self.query_features(pixel_values, qformer_input_ids, qformer_attention_mask)
         proj = self.language_projection
-        return q, proj(q.to(proj.weight.dtype))
+        vis = proj(q.to(proj.weight.dtype))  # (B, F*Q, D)
+        if self.cfg.llm_prefix_ids:
+            ids = torch.tensor(self.cfg.llm_prefix_ids, device=vis.device).expand(vis.shape[0], -1)
+            vis = torch.cat([self.llm.get_input_embeddings()(ids).to(vis.dtype), vis], dim=1)  # (B, P+F*Q, D)
+        return q, vis
 
     # ---------------------------------------------------------------------------------------- LLM inputs
     def _strip_placeholders(self, input_ids, attention_mask, labels, n_visual: int):
@@ -216,7 +221,9 @@ class Blip2Model(nn.Module):
                     labels=None):
         q, vis = self.visual_prompts(pixel_values, qformer_input_ids, qformer_attention_mask)
         B, n_vis = vis.shape[:2]
-        input_ids, attention_mask, labels = self._strip_placeholders(input_ids, attention_mask, labels, n_vis)
+        n_prefix = len(self.cfg.llm_prefix_ids or ())
+        input_ids, attention_mask, labels = self._strip_placeholders(input_ids, attention_mask, labels,
+                                                                     n_vis - n_prefix)
         if input_ids is None:
             input_ids = torch.zeros(B, 0, dtype=torch.long, device=vis.device)
         if attention_mask is None:
@@ -331,7 +338,9 @@ class Blip2Model(nn.Module):
             return self.need_processor().decode(qformer_generate(self, self.pixel_values(images), **generation))
         n = _batch_len(images)
         prompts = [prompt] * n if prompt else None
-        if prompts is None and self.cfg.is_encoder_decoder:
+        if prompts is None and (self.cfg.is_encoder_decoder or not _adds_bos(self.need_processor().tokenizer)):
+            # as in training: the text starts as the tokenizer frames it (no BOS: straight after the visual
+            # prompt, whose last position predicts the first word)
             prompts = [""] * n
         if self.cfg.architecture == "instructblip":
             text = prompt or "A short image caption:"
@@ -418,6 +427,12 @@ class Blip2Model(nn.Module):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the tokenizer puts a token before a text by itself (OPT's </s>, LLaMA's <s>)."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    return tok("a")["input_ids"][: len(plain)] != plain
 
 
 # decoder-only LLMs whose logits are exactly output_embeddings(decoder(...).last_hidden_state)

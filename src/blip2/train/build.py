@@ -111,6 +111,10 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
             if bcfg.image_token_index is None or bcfg.image_token_index >= hf["vocab_size"]:
                 bcfg.image_token_index = (llm_tok.convert_tokens_to_ids("<image>")
                                           if "<image>" in llm_tok.get_vocab() else None)
+        if m.llm_prefix:
+            if llm_tok is None:
+                raise RunConfigError("model.llm_prefix: the model has no LLM tokenizer")
+            bcfg.llm_prefix_ids = llm_tok(m.llm_prefix, add_special_tokens=False).input_ids
         if q_tok is not None:
             bcfg.qformer.vocab_size = max(bcfg.qformer.vocab_size, len(q_tok))
             bcfg.qformer.bos_token_id = q_tok.bos_token_id

@@ -45,6 +45,7 @@ class ModelSection:
     vit_path: str | None = None  # frozen encoder weights (eva_vit_g.pth style)
     qformer_init: Any = None  # earlier results (a dir or a list): Q-Former, queries, ln_vision, ViT, projection copied
     architecture: str | None = None  # blip2 | instructblip, for a model assembled from parts (default by stage)
+    llm_prefix: str | None = None  # text whose tokens go in front of the visual prompt (Blip2Config.llm_prefix_ids)
     tokenizer: str | None = None
     qformer_tokenizer: str | None = None
     tiny_tokenizers: bool = False
