@@ -98,8 +98,6 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
             model.processor = _processor_from_paths(cfg, model.cfg, tok_dir)
     else:
         bcfg = _preset_config(cfg)
-        if not m.preset and not m.tokenizer:
-            m.tokenizer = m.llm_path  # an LLM directory carries its tokenizer
         llm_tok, q_tok = _tokenizers(cfg, bcfg, tok_dir)
         if bcfg.llm is not None and llm_tok is not None:
             hf = bcfg.llm.hf_config
@@ -149,8 +147,9 @@ def _tokenizers(cfg: RunConfig, bcfg: Blip2Config, tok_dir: Path):
     m = cfg.model
     llm_tok = q_tok = None
     if bcfg.llm is not None:
-        if m.tokenizer:
-            llm_tok = _tokenizer(m.tokenizer)
+        path = m.tokenizer or (m.llm_path if not m.preset else None)  # an LLM directory carries its tokenizer
+        if path:
+            llm_tok = _tokenizer(path)
         elif m.tiny_tokenizers:
             llm_tok = _tiny_llm_tokenizer(bcfg.llm.model_type, tok_dir / "llm")
         else:
