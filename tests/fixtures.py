@@ -66,3 +66,20 @@ def hf_blip_image_processor(image_size: int = 224, **kwargs):
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     return BlipImageProcessorPil(size={"height": image_size, "width": image_size}, **kwargs)
+
+
+def save_tiny_bert(directory, seed: int, add_pooling_layer: bool = True, **config):
+    """A tiny random BertModel (weights perturbed by N(0, 0.1) so biases and norms are not trivial) saved with
+    save_pretrained into `directory`, with a tiny BERT tokenizer; returns the directory."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=400, max_position_embeddings=64, type_vocab_size=2, **config)
+    bert = BertModel(cfg, add_pooling_layer=add_pooling_layer).eval()
+    with torch.no_grad():
+        for p in bert.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    bert.save_pretrained(directory)
+    make_bert_tokenizer(directory)
+    return directory

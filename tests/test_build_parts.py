@@ -39,22 +39,11 @@ def llm_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A tiny random BERT with the Q-Former's width, depth and FFN size, and a tiny BERT tokenizer."""
-    from transformers import BertConfig, BertModel
+    from fixtures import save_tiny_bert
 
-    from blip2.tiny import make_bert_tokenizer
-
-    torch.manual_seed(1)
-    cfg = BertConfig(vocab_size=400, hidden_size=QFORMER["hidden_size"], num_hidden_layers=QFORMER["num_layers"],
-                     num_attention_heads=QFORMER["num_heads"], intermediate_size=QFORMER["intermediate_size"],
-                     max_position_embeddings=64, type_vocab_size=2)
-    bert = BertModel(cfg).eval()
-    with torch.no_grad():
-        for p in bert.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    d = tmp_path_factory.mktemp("bert")
-    bert.save_pretrained(d)
-    make_bert_tokenizer(d)
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"), seed=1, hidden_size=QFORMER["hidden_size"],
+                          num_hidden_layers=QFORMER["num_layers"], num_attention_heads=QFORMER["num_heads"],
+                          intermediate_size=QFORMER["intermediate_size"])
 
 
 def _cfg(stage: str, llm: str, **model) -> RunConfig:

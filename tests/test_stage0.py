@@ -19,21 +19,10 @@ VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_hea
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     """A tiny random BertModel (weights perturbed so biases and norms are not trivial) + a tiny BERT tokenizer."""
-    from transformers import BertConfig, BertModel
+    from fixtures import save_tiny_bert
 
-    from blip2.tiny import make_bert_tokenizer
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=400, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=40, max_position_embeddings=64, type_vocab_size=2)
-    bert = BertModel(cfg, add_pooling_layer=False).eval()
-    with torch.no_grad():
-        for p in bert.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    d = tmp_path_factory.mktemp("bert")
-    bert.save_pretrained(d)
-    make_bert_tokenizer(d)
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"), seed=0, add_pooling_layer=False, hidden_size=24,
+                          num_hidden_layers=2, num_attention_heads=4, intermediate_size=40)
 
 
 @pytest.fixture(scope="module")

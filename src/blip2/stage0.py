@@ -118,11 +118,10 @@ class ImageTextAligner(nn.Module):
         """The stage-0 objective for a batch of (image, caption) pairs (`generator` is unused: no sampling)."""
         image = self.image_embed(pixel_values)
         text = self.text_embed(input_ids, attention_mask)
-        loss, logits = locked_text_loss(image, text, self.logit_scale,
-                                        contrastive_targets(input_ids, attention_mask, image_ids))
+        targets = contrastive_targets(input_ids, attention_mask, image_ids)
+        loss, logits = locked_text_loss(image, text, self.logit_scale, targets)
         with torch.no_grad():  # in-batch retrieval accuracy, a readable progress figure
-            hit = contrastive_targets(input_ids, attention_mask, image_ids) > 0
-            acc = hit[torch.arange(len(hit)), logits.argmax(1)].float().mean()
+            acc = (targets > 0)[torch.arange(len(targets)), logits.argmax(1)].float().mean()
         return {"loss": loss, "contrastive_loss": loss.detach(), "i2t_acc": acc}
 
     def export(self, out_dir: str | Path) -> Path:
