@@ -242,6 +242,17 @@ def test_task_split_and_manifest(worlds):
     assert {r["task"] for r in json.loads(Path(a["instruct_train"]).read_text())} == held_in
     assert {r["task"] for r in json.loads(Path(a["instruct_test"]).read_text())} == set(manifest["tasks"])
     assert manifest["counts"]["test"]["yes_fraction"]["exist"] == 0.5
+    # one file of the held-in families' questions per split: exactly the per-family files, renumbered
+    for split in ("val", "test"):
+        combined = json.loads(Path(a[f"vqa_{split}_held_in"]).read_text())
+        parts = [r for f in manifest["families"] if f in held_in
+                 for r in json.loads(Path(a[f"vqa_{split}_{f}"]).read_text())]
+        assert [r["question_id"] for r in combined] == list(range(len(parts)))
+        key = lambda r: json.dumps({**r, "question_id": 0}, sort_keys=True)  # noqa: E731
+        assert sorted(map(key, combined)) == sorted(map(key, parts))
+        fams = [r["question_type"] for r in combined]
+        assert set(fams) == held_in - {"caption"}
+        assert set(fams[:len(set(fams))]) == set(fams)  # interleaved: the first few cover every family
     with pytest.raises(ValueError, match="both held-in and held-out"):
         write_world(Path(a["root"]).parent / "bad", held_in=("caption", "exist"), held_out=("exist",))
 

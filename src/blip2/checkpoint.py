@@ -38,6 +38,7 @@ _VISION = [
     ("vision.blocks.{n}.mlp.fc1.{p}", "vision_model.encoder.layers.{n}.mlp.fc1.{p}"),
     ("vision.blocks.{n}.mlp.fc2.{p}", "vision_model.encoder.layers.{n}.mlp.fc2.{p}"),
     ("ln_vision.{p}", "vision_model.post_layernorm.{p}"),
+    ("vision.convnet.{rest}", "vision_model.convnet.{rest}"),  # our convolutional tower (no transformers class)
 ]
 _QFORMER_LAYERS = [
     ("qformer.layers.{n}.attention.query.{p}", "qformer.encoder.layer.{n}.attention.attention.query.{p}"),

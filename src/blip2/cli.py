@@ -130,11 +130,13 @@ def cmd_eval(a) -> None:
 def cmd_quickstart(a) -> None:
     """Train BLIP-2 and InstructBLIP end to end on a generated world of coloured shapes, on a CPU, with real
     pretrained parts (all-MiniLM-L6-v2 for the Q-Former, SmolLM2-135M-Instruct as the frozen LLM): stage 0 (the
-    image encoder), stage 1, stage 2, instruction tuning, evaluation and ablations; writes report.md / report.json
-    and pictures to --output. Rerunning skips finished steps and resumes an interrupted one."""
+    image encoder), stage 1, stage 2, instruction tuning, evaluation and linear probes (with --ablations, also the
+    two ablations); writes report.md / report.json and pictures to --output. Rerunning skips finished steps and
+    resumes an interrupted one."""
     from .quickstart.run import run_quickstart
 
-    run_quickstart(a.output, smoke=a.smoke, configs=a.configs, progress=not a.no_progress)
+    run_quickstart(a.output, smoke=a.smoke, configs=a.configs, progress=not a.no_progress, ablations=a.ablations,
+                   seed=a.seed)
 
 
 def cmd_serve(a) -> None:
@@ -255,8 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p = add("quickstart", cmd_quickstart)
     p.add_argument("--smoke", action="store_true", help="the same pipeline at toy size (a few minutes)")
-    p.add_argument("--output", default=None, help="run directory (default runs/quickstart, or runs/quickstart-smoke)")
+    p.add_argument("--output", default=None, help="run directory (default runs/quickstart, or runs/quickstart-smoke; "
+                   "with --seed N != 0, -seedN appended)")
     p.add_argument("--configs", default=None, help="directory of the step configs (default configs/quickstart)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train and evaluate the two ablations (reuses the finished main steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every training step (the world stays the same)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = add("demo", cmd_demo)
     p.add_argument("--output", default="runs/demo", help="where the tiny checkpoint is written")

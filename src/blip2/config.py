@@ -51,6 +51,10 @@ class VisionConfig:
     kind="eva": our EVA/CLIP-style pre-LN ViT (EVA ViT-g/14 with the defaults), `num_layers` blocks are built
     (BLIP-2 uses 39 of the 40 pretrained blocks). kind="timm": any timm ViT by `timm_name`, features taken
     after block `timm_block` (negative counts from the end; -2 = the second-to-last block, as BLIP-2 does).
+    kind="cnn": a small convolutional tower (`vision.ConvTower`): one conv stage per entry of `cnn_channels`,
+    each halving the resolution, so `patch_size` (the total stride) must be 2 ** len(cnn_channels); it gives
+    (image_size / patch_size)^2 tokens of width `hidden_size`. It has no transformers class: checkpoints with it
+    load in blip2 only.
     """
 
     kind: str = "eva"
@@ -67,9 +71,19 @@ class VisionConfig:
     timm_name: str | None = None
     timm_block: int = -2
     timm_pretrained: bool = False
+    cnn_channels: tuple[int, ...] = (32, 64, 128)
 
     def __post_init__(self):
-        _check(self.kind in ("eva", "timm"), f"vision.kind must be 'eva' or 'timm', got {self.kind!r}")
+        _check(self.kind in ("eva", "timm", "cnn"), f"vision.kind must be 'eva', 'timm' or 'cnn', got {self.kind!r}")
+        self.cnn_channels = tuple(int(c) for c in self.cnn_channels)
+        if self.kind == "cnn":
+            _check(len(self.cnn_channels) >= 1 and min(self.cnn_channels) > 0,
+                   f"vision.cnn_channels must be positive widths, got {list(self.cnn_channels)}")
+            _check(self.patch_size == 2 ** len(self.cnn_channels),
+                   f"vision.patch_size {self.patch_size} must be 2 ** len(cnn_channels) = "
+                   f"{2 ** len(self.cnn_channels)} for kind='cnn' (each conv stage halves the resolution)")
+            _check(self.hidden_size % 4 == 0, f"vision.hidden_size {self.hidden_size} must be divisible by 4 "
+                                              "for kind='cnn' (2-D sine-cosine position codes)")
         if self.kind == "timm":
             _check(bool(self.timm_name), "vision.timm_name is required when vision.kind='timm'")
         _check(self.image_size > 0 and self.patch_size > 0, "vision.image_size and patch_size must be > 0")
@@ -207,7 +221,7 @@ class Blip2Config:
         if self.llm_prefix_ids:
             _check(not self.is_encoder_decoder, "llm_prefix_ids is for decoder-only LLMs")
             self.llm_prefix_ids = [int(i) for i in self.llm_prefix_ids]
-        if self.vision.kind == "eva":
+        if self.vision.kind in ("eva", "cnn"):
             # the cross-attention K/V input width must equal the vision width
             self.qformer.encoder_hidden_size = self.vision.hidden_size
 
@@ -254,7 +268,10 @@ class Blip2Config:
             arch = HF_MODEL_TYPES[mt]
         v = d.get("vision_config") or {}
         q = d.get("qformer_config") or {}
+        cnn = {"kind": "cnn", "cnn_channels": tuple(v.get("cnn_channels") or ())} \
+            if v.get("encoder_kind") == "cnn" else {}
         vision = VisionConfig(
+            **cnn,
             image_size=_int(v.get("image_size", 224)),
             patch_size=_int(v.get("patch_size", 14)),
             hidden_size=v.get("hidden_size", 1408),
@@ -306,13 +323,18 @@ class Blip2Config:
     def to_hf(self) -> dict[str, Any]:
         """A transformers `config.json` dict for the matching transformers class."""
         v, q = self.vision, self.qformer
-        _check(v.kind == "eva", "only the EVA/CLIP ViT tower has a transformers format (vision.kind='eva')")
-        vision = {
-            "hidden_size": v.hidden_size, "intermediate_size": v.mlp_hidden_size,
-            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
-            "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": v.hidden_act,
-            "layer_norm_eps": v.layer_norm_eps, "qkv_bias": v.qkv_bias, "attention_dropout": 0.0,
-        }
+        _check(v.kind in ("eva", "cnn"), "only the EVA/CLIP ViT tower (vision.kind='eva') and our convolutional "
+                                         "tower (vision.kind='cnn') can be written as a checkpoint directory")
+        if v.kind == "cnn":  # ours only: transformers has no class for it (our loader reads these fields)
+            vision = {"encoder_kind": "cnn", "cnn_channels": list(v.cnn_channels), "hidden_size": v.hidden_size,
+                      "image_size": v.image_size, "patch_size": v.patch_size, "layer_norm_eps": v.ln_vision_eps}
+        else:
+            vision = {
+                "hidden_size": v.hidden_size, "intermediate_size": v.mlp_hidden_size,
+                "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
+                "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": v.hidden_act,
+                "layer_norm_eps": v.layer_norm_eps, "qkv_bias": v.qkv_bias, "attention_dropout": 0.0,
+            }
         qformer = {
             "vocab_size": q.vocab_size, "hidden_size": q.hidden_size, "num_hidden_layers": q.num_layers,
             "num_attention_heads": q.num_heads, "intermediate_size": q.intermediate_size,

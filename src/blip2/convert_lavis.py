@@ -72,6 +72,8 @@ KEY_MAP: list[tuple[str, str]] = [
     ("visual_encoder.blocks.{n}.norm2.{p}", "vision.blocks.{n}.norm2.{p}"),
     ("visual_encoder.blocks.{n}.mlp.fc1.{p}", "vision.blocks.{n}.mlp.fc1.{p}"),
     ("visual_encoder.blocks.{n}.mlp.fc2.{p}", "vision.blocks.{n}.mlp.fc2.{p}"),
+    # our convolutional tower (vision.kind="cnn"), under the same prefix
+    ("visual_encoder.convnet.{rest}", "vision.convnet.{rest}"),
     # the LLM, only when it was trained (LAVIS's OPT/T5/LLaMA keep transformers' key layout under a prefix)
     ("{llm}.{rest}", "llm.{rest}"),
 ]

@@ -1,4 +1,5 @@
-"""The frozen image encoder: an EVA/CLIP-style pre-LayerNorm ViT (EVA ViT-g/14 by default) or any timm ViT.
+"""The frozen image encoder: an EVA/CLIP-style pre-LayerNorm ViT (EVA ViT-g/14 by default), any timm ViT, or a
+small convolutional tower (`ConvTower`, for small pictures and small data, where a ViT learns too slowly).
 
 EVA ViT-g as BLIP-2 uses it (SPEC §1): patch 14, width 1408, 16 heads, exact GELU, pre-LN (eps 1e-6), learned
 absolute position embedding + CLS token, q and v biases (no k bias), no layer-scale, no final norm, the first
@@ -172,5 +173,57 @@ class TimmViT(nn.Module):
         return self.model.forward_features(pixel_values)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes [grid*grid, dim], row-major: half the channels code the row, half
+    the column, each as sin/cos pairs at geometrically spaced frequencies (the MAE / ViT-22B table)."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    freqs = 1.0 / (10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))  # (dim/4,)
+    pos = torch.arange(grid, dtype=torch.float32)
+    angles = pos[:, None] * freqs[None, :]  # (grid, dim/4)
+    code = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, dim/2)
+    rows = code[:, None, :].expand(grid, grid, -1)  # (grid_row, grid_col, dim/2)
+    cols = code[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)
+
+
+class ConvTower(nn.Module):
+    """A small convolutional image encoder returning a grid of feature tokens [B, (H/s)(W/s), D].
+
+    Each stage is conv3x3 -> GroupNorm (up to 8 groups) -> GELU -> max-pool 2x2 (`cnn_channels` gives the widths; the total
+    stride s = 2^stages = patch_size); a last conv3x3 maps to `hidden_size`, and fixed 2-D sine-cosine position
+    codes are added so that the Q-Former's cross-attention, which has no positions of its own, can tell where a
+    token is. Convolutions share weights across positions and max pooling keeps local detections, the inductive
+    bias that lets a shape detector be learnt from a few thousand pictures (a ViT of the same cost does not).
+    All parameters live under `convnet.` (the checkpoint key maps pass them through unchanged)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers, width = [], 3
+        for c in cfg.cnn_channels:
+            layers += [nn.Conv2d(width, c, 3, padding=1), nn.GroupNorm(math.gcd(8, c), c), nn.GELU(), nn.MaxPool2d(2)]
+            width = c
+        layers.append(nn.Conv2d(width, cfg.hidden_size, 3, padding=1))
+        self.convnet = nn.Sequential(*layers)
+        grid = cfg.image_size // cfg.patch_size
+        self.register_buffer("pos_code", sincos_2d(grid, cfg.hidden_size)[None], persistent=False)  # (1, N, D)
+        self.grad_checkpointing = False
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.hidden_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable  # (a few MB of activations: nothing to save)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.convnet(pixel_values.to(self.convnet[0].weight.dtype))  # (B, D, H/s, W/s)
+        B, D, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        pos = self.pos_code if gh * gw == self.pos_code.shape[1] and gh == gw else sincos_2d(gh, D)[None]
+        return x + pos.to(x.dtype)
+
+
 def build_vision(cfg: VisionConfig) -> nn.Module:
-    return EvaViT(cfg) if cfg.kind == "eva" else TimmViT(cfg)
+    return {"eva": EvaViT, "timm": TimmViT, "cnn": ConvTower}[cfg.kind](cfg)

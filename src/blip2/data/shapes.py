@@ -388,13 +388,15 @@ def write_world(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_te
         captions/{split}.json      [{"image", "image_id", "caption": [...], "scene_key"}] -> CaptionDataset
         vqa/{split}_{family}.json  [{"image", "image_id", "question_id", "question", "answer": [a],
                                      "question_type": family, "answer_type"}]       -> VQADataset, evaluate("vqa")
+        vqa/{split}_held_in.json   the held-in families' questions of the split in one file, families
+                                   interleaved (renumbered)
         instruct/{split}.json      [{"image", "image_id", "instruction", "answer", "task"}] -> InstructionDataset
         shards/train-NNNNNN.tar    training captions, img2dataset layout (JPEG)  -> ShardDataset
         world.json                 the manifest: settings, counts, yes-fractions, split rule, files
     Train VQA / instruction files cover the held-in tasks only; val and test cover every task. Captions are
     written for every split (BLIP-2 pre-training uses them whatever the instruction split is).
     Returned keys: root, image_root, manifest, scenes_{split}, captions_{split}, vqa_{split}_{family},
-    instruct_{split}, shards (a list).
+    vqa_{split}_held_in, instruct_{split}, shards (a list).
 
     Scene i of a split depends only on (seed, split, i); the same arguments give byte-identical images and JSON
     files (tar headers carry the write time, their members are identical). A finished world is marked by
@@ -451,7 +453,13 @@ def write_world(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_te
                 instruct.append({"image": image, "image_id": image_id, "task": fam, "answer": answer,
                                  "instruction": _pick(rng, VQA_TEMPLATES).format(Question=q["question"])})
             image_id += 1
+        # one file of the held-in families' questions (for validation), the families interleaved so that
+        # its first N entries cover every family
+        rows = sorted(((i, k, r) for k, f in enumerate(f for f in families if f in held_in)
+                       for i, r in enumerate(vqa[f])), key=lambda t: (t[0], t[1]))
+        held_in_vqa = [{**r, "question_id": n} for n, (_, _, r) in enumerate(rows)]
         for name, rel, data in ((f"scenes_{split}", f"scenes/{split}.json", scenes),
+                                (f"vqa_{split}_held_in", f"vqa/{split}_held_in.json", held_in_vqa),
                                 (f"captions_{split}", f"captions/{split}.json", caps),
                                 (f"instruct_{split}", f"instruct/{split}.json", instruct),
                                 *((f"vqa_{split}_{f}", f"vqa/{split}_{f}.json", vqa[f]) for f in families)):

