@@ -83,6 +83,26 @@ def test_no_weight_decay_on_biases_norms_and_1d():
     assert not frozen & {id(p) for g in (decay, no_decay) for p in g["params"]}
 
 
+def test_lr_scale_splits_groups_by_longest_prefix():
+    import blip2
+
+    model = blip2.from_preset("tiny-stage1")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.05, {"qformer.": 0.5, "qformer.layers.0.": 2.0, "itm_head.": 0.0})
+    seen = set()
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            seen.add(n)
+            want = 2.0 if n.startswith("qformer.layers.0.") else 0.5 if n.startswith("qformer.") else \
+                0.0 if n.startswith("itm_head.") else 1.0
+            assert g["lr_scale"] == want, n
+            decays = not (p.ndim < 2 or "norm" in n.lower() or n in model.no_weight_decay())
+            assert g["weight_decay"] == (0.05 if decays else 0.0), n
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert [g["lr_scale"] for g in param_groups(model, 0.05)] == [1.0, 1.0]  # no scales: the two plain groups
+
+
 def test_training_state_roundtrip(tmp_path):
     import blip2
     from blip2.train.state import latest_checkpoint, load_training_state, save_training_state

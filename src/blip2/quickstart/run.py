@@ -238,7 +238,7 @@ class Quickstart:
         self.fps["pretrained"] = _fingerprint(self.names["minilm"], self.names["smollm2"])
 
         base = ["world", "pretrained"]
-        self._train("stage0", "stage 0: pretrain the image encoder against MiniLM sentence embeddings", "stage0",
+        self._train("stage0", "stage 0: pretrain the image encoder on tags parsed from the captions", "stage0",
                     base, cache=False)
         self._train("stage1", "stage 1: Q-Former representation learning (ITC + ITM + ITG)", "stage1",
                     base + ["stage0"])
@@ -427,7 +427,7 @@ class Quickstart:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "world": {"train": w["n_train"], "val": w["n_val"], "test": w["n_test"], "image_size": w["image_size"],
                       "held_in": w["held_in"], "held_out": w["held_out"]},
-            "models": {"vision": "EVA-style ViT (4 blocks, width 192, patch 8, 64 px), pretrained in stage 0",
+            "models": {"vision": "convolutional tower (3 conv stages 32-64-128, 8x8 tokens of width 192, 64 px), pretrained in stage 0 on caption tags, then frozen",
                        "qformer_init": f"all-MiniLM-L6-v2 ({self.names['minilm']})",
                        "llm": f"SmolLM2-135M-Instruct, frozen ({self.names['smollm2']})"},
             **sec, "probes": self.probes, "ablations": ablations, "targets": targets, "timings": timings,

@@ -90,6 +90,7 @@ class OptimSection:
     eps: float = 1e-8
     grad_accum: int = 1
     clip_grad: float | None = 1.0
+    lr_scale: dict = field(default_factory=dict)  # {parameter-name prefix: lr multiplier}, e.g. {language_projection: 4}
 
 
 @dataclass

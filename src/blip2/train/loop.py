@@ -145,7 +145,7 @@ def train(cfg: RunConfig) -> dict:
     for step in range(start, cfg.max_steps):
         lr = lr_at(step, o.lr, o.min_lr, o.warmup_steps, o.warmup_lr, cfg.max_steps)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         sums: dict[str, float] = {}
         finite = True
         t0 = time.perf_counter()

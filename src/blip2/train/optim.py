@@ -7,14 +7,21 @@ import math
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Decay / no-decay groups, split further by `lr_scale` ({parameter-name prefix: multiplier of the schedule's
+    lr}; the longest matching prefix wins, 1.0 where none matches). Each group carries its "lr_scale"."""
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[bool, float], list] = {}
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name in skip or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or name in skip or "norm" in name.lower())
+        prefixes = [k for k in lr_scale if name.startswith(k)]
+        scale = float(lr_scale[max(prefixes, key=len)]) if prefixes else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    order = sorted(groups, key=lambda k: (not k[0], k[1]))  # decay first, then by scale: a stable layout
+    return [{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]} for k in order]
 
 
 def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, warmup_lr: float, max_steps: int) -> float:
@@ -30,7 +37,7 @@ def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, warmup_lr
 def build_optimizer(model, cfg) -> torch.optim.AdamW:
     o = cfg.optim
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
-    groups = [g for g in param_groups(model, o.weight_decay) if g["params"]]
+    groups = [g for g in param_groups(model, o.weight_decay, o.lr_scale) if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, **kwargs)
