@@ -226,3 +226,26 @@ def test_stage0_config_errors_name_the_key(tmp_path, bert_dir):
     with pytest.raises(RunConfigError, match=r"val_every"):
         _run_config(tmp_path, bert_dir, val_every=5)
     assert isinstance(_run_config(tmp_path, bert_dir), RunConfig)
+
+
+def test_trained_text_tower_and_truncation(bert_dir, tokenizer):
+    torch.manual_seed(0)
+    model = ImageTextAligner(VisionConfig(**VISION), bert_dir, text_trainable=True, text_layers=1)
+    assert len(model.text.encoder.layer) == 1
+    model.train()
+    assert model.text.training  # a trained tower uses its dropout like the rest
+    ids, mask = _encode(tokenizer, ["a red square", "a blue square", "a green square"])
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.losses(pixels, ids, mask, image_ids=torch.tensor([0, 1, 2]))["loss"].backward()
+    grads = [p.grad for p in model.text.encoder.layer[0].parameters()]  # (a pooler, if any, is unused)
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert model.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.text_proj.weight.grad is not None
+    # nothing is cached for a trained tower: the same text gives a new embedding once the weights move
+    before = model.text_embed(ids, mask).detach()
+    with torch.no_grad():
+        for p in model.text.parameters():
+            p.add_(0.01)
+    assert not torch.allclose(model.text_embed(ids, mask), before)
+    with pytest.raises(ValueError, match="text_layers"):
+        ImageTextAligner(VisionConfig(**VISION), bert_dir, text_layers=5)
