@@ -418,8 +418,9 @@ def plot_losses(runs: dict[str, str | Path], png: str | Path) -> None:
 
 def plot_validation(runs: dict[str, list[dict]], png: str | Path) -> bool:
     """One subplot per run with every validation metric (val.jsonl rows: {"step", metric: value}) against the
-    step; writes nothing and returns False when no run has a finite value."""
-    data = {title: c for title, rows in runs.items() if (c := _curves(rows or [], lambda k: True))}
+    step (item counts are not metrics: left out); writes nothing and returns False when no run has a finite
+    value."""
+    data = {title: c for title, rows in runs.items() if (c := _curves(rows or [], lambda k: k != "count"))}
     if data:
         _plot_panels(data, png, "metric", marker="o", suffix=": validation")
     return bool(data)
