@@ -174,8 +174,8 @@ class TagPretrainer(nn.Module):
     the encoder with no more binding than it has at random initialisation (18 % and 34 % vs 34 %), because the
     phrasing of the captions, which is not in the picture, dominates those losses; a contrastive loss (with a
     trained text tower) is satisfied once a batch's pictures are told apart (21 %); tags: 86 %. Tags keep only
-    what names the objects. The head is
-    dropped after training; only `vision` is kept. `tags` are phrases, tokenised with the caption tokenizer."""
+    what names the objects. The head is dropped after training; only `vision` is kept. `tags` are phrases,
+    tokenised with the caption tokenizer."""
 
     def __init__(self, vision: VisionConfig, tag_ids: list[list[int]], tags: list[str] | None = None):
         super().__init__()
