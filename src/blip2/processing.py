@@ -230,7 +230,12 @@ class ImageProcessor:
         rgb = self.to_rgb(image)
         s = self.image_size
         resized = rgb.resize((s, s), resample=self.resample)  # PIL sizes are (width, height)
-        x = np.asarray(resized).transpose(2, 0, 1)  # [H, W, 3] uint8 -> [3, S, S]
+        return self.normalize(resized)
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image already at its final size -> float32 [3, H, W]: float64 rescale, then float32
+        (x - mean) / std channel by channel, as transformers computes it (training transforms reuse it)."""
+        x = np.asarray(image).transpose(2, 0, 1)  # [H, W, 3] uint8 -> [3, H, W]
         x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
         x = (x - self._mean) / self._std
         return torch.from_numpy(np.ascontiguousarray(x))

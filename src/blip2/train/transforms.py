@@ -43,15 +43,6 @@ def open_image(src: ImageSource) -> Image.Image:
     return load_image(src)
 
 
-def _normalise(img: Image.Image, proc: ImageProcessor) -> torch.Tensor:
-    """uint8 RGB S x S image -> float32 [3, S, S], with the ImageProcessor's arithmetic (float64 rescale,
-    float32 (x - mean) / std) so that an un-augmented crop equals the eval pixels bit for bit."""
-    x = np.asarray(img).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    x = (x.astype(np.float64) * proc.rescale_factor).astype(np.float32)
-    x = (x - proc._mean) / proc._std
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
 class EvalTransform:
     """Deterministic eval pixels: `ImageProcessor.preprocess_one` (the rng argument is ignored)."""
 
@@ -117,7 +108,7 @@ class TrainTransform:
         out = img.resize((s, s), resample=self.proc.resample, box=(left, top, left + w, top + h))
         if rng.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _normalise(out, self.proc)
+        return self.proc.normalize(out)  # the eval arithmetic: an un-augmented crop equals the eval pixels
 
 
 # ------------------------------------------------------------------------------------------------ text
