@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from blip2.checkpoint import CheckpointError, hf_to_ours
 from blip2.config import Blip2Config
-from blip2.convert_lavis import (lavis_architecture, lavis_to_ours, load_lavis, ours_to_lavis, read_lavis,
-                                 save_lavis)
+from blip2.api import load_lavis
+from blip2.convert_lavis import lavis_architecture, lavis_to_ours, ours_to_lavis, read_lavis, save_lavis
 from hf_models import (LLAMA_GQA, NUM_QUERY, OPT, T5_UNTIED, blip2_hf, instructblip_hf, pixels, retrieval_hf,
                        text_ids, with_placeholders)
 

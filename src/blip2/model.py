@@ -14,9 +14,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from . import checkpoint
 from .config import Blip2Config
+from .generation import GenerationConfig, generate
 from .qformer import QFormer
+from .qformer_caption import qformer_generate
+from .stage1 import stage1_losses
 from .vision import build_vision
 
 
@@ -35,8 +40,6 @@ class Blip2Output:
 
 
 def build_llm(cfg: Blip2Config) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     hf = cfg.llm.to_transformers()
     auto = AutoModelForSeq2SeqLM if cfg.llm.is_encoder_decoder else AutoModelForCausalLM
     try:
@@ -280,8 +283,6 @@ class Blip2Model(nn.Module):
                  qformer_attention_mask: torch.Tensor | None = None, **generation: Any) -> torch.Tensor:
         """New token ids [B * num_return_sequences, N]. `input_ids` is the (left-padded) text prompt; without
         one, decoder-only LLMs start from BOS. Generation settings: see blip2.generation.GenerationConfig."""
-        from .generation import GenerationConfig, generate
-
         if self.llm is None:
             raise ValueError("this checkpoint has no language model; use Q-Former captioning or the ITM/ITC heads")
         hf = self.llm.config
@@ -333,8 +334,6 @@ class Blip2Model(nn.Module):
     def caption(self, images, prompt: str | None = None, **generation) -> list[str]:
         """Captions for a list of images (PIL, paths or a pixel tensor); `prompt` e.g. "a photo of"."""
         if self.llm is None:  # a stage-1 / retrieval model: the Q-Former itself decodes (ITG)
-            from .qformer_caption import qformer_generate
-
             return self.need_processor().decode(qformer_generate(self, self.pixel_values(images), **generation))
         n = _batch_len(images)
         prompts = [prompt] * n if prompt else None
@@ -417,16 +416,12 @@ class Blip2Model(nn.Module):
     def losses(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
         """Stage-1 losses {"itc_loss", "itm_loss", "itg_loss", "loss"} (see blip2.stage1)."""
-        from .stage1 import stage1_losses
-
         return stage1_losses(self, pixel_values, input_ids, attention_mask, image_ids, generator)
 
     # ------------------------------------------------------------------------------------------ saving
     def save_pretrained(self, path, max_shard_size: int = 2 * 1024**3) -> None:
         """Write a transformers-format directory (config.json + safetensors + tokenizer files)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        checkpoint.save_pretrained(self, path, max_shard_size=max_shard_size)
 
 
 def _adds_bos(tok) -> bool:
