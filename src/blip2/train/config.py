@@ -232,10 +232,11 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """`over` laid onto `base`, section by section (nested dicts merge, other values replace)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -249,7 +250,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise RunConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = merge(data, parse_overrides(list(overrides)))
     return _build(RunConfig, data, "")
 
 
