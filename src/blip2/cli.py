@@ -8,6 +8,19 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from .api import load
+from .demo import run_demo
+from .evaluation import distributed_session, evaluate, markdown_report
+from .info import describe
+from .quickstart.run import run_quickstart
+from .serve.app import serve
+from .serve.engine import ServeSettings
+from .train.cache_features import cache_features
+from .train.config import load_run_config
+from .train.loop import train
+
 
 def _gen_kwargs(a) -> dict:
     kw = {"max_new_tokens": a.max_new_tokens, "num_beams": a.num_beams}
@@ -23,14 +36,10 @@ def _gen_kwargs(a) -> dict:
 
 
 def _load(a):
-    import torch
-
-    import blip2
-
     if a.seed is not None:
         torch.manual_seed(a.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    return blip2.load(a.model, dtype=dtype, device=a.device)
+    return load(a.model, dtype=dtype, device=a.device)
 
 
 def _emit(a, rows: list[dict], key: str) -> None:
@@ -65,8 +74,6 @@ def cmd_instruct(a) -> None:
 
 def cmd_info(a) -> None:
     """Describe a checkpoint: architecture, parameters per part, dtype."""
-    from .info import describe
-
     info = describe(a.model)
     if a.json:
         print(json.dumps(info, indent=2))
@@ -81,17 +88,12 @@ def cmd_info(a) -> None:
 def cmd_demo(a) -> None:
     """Build a tiny random BLIP-2 (OPT) with a small tokenizer, save it in the transformers format, load it back,
     caption two photos that ship with scikit-image, and check the ids against transformers' own generate."""
-    from .demo import run_demo
-
     run_demo(Path(a.output))
 
 
 def cmd_train(a) -> None:
     """Train stage 1, stage 2 or InstructBLIP from a YAML run config; key=value pairs override it
     (e.g. `max_steps=20 optim.lr=3e-4 resume=true`). Works in one process and under torchrun."""
-    from .train.config import load_run_config
-    from .train.loop import train
-
     cfg = load_run_config(a.config, a.overrides)
     summary = train(cfg)
     print(json.dumps(summary))
@@ -101,9 +103,6 @@ def cmd_cache_features(a) -> None:
     """Run the frozen image encoder once over the training images of a run config and store its outputs
     (sharded safetensors) in data.feature_cache (default OUTPUT/feature_cache); key=value pairs override the
     config. Training with data.feature_cache set and data.augment=false then reads them instead of images."""
-    from .train.config import load_run_config
-    from .train.feature_cache import cache_features
-
     cfg = load_run_config(a.config, a.overrides)
     print(cache_features(cfg))
 
@@ -112,8 +111,6 @@ def cmd_eval(a) -> None:
     """Evaluate a checkpoint on a benchmark: captioning (BLEU, METEOR, ROUGE-L, CIDEr), VQA (VQAv2 accuracy / exact
     match), image-text retrieval (recall@K) or multiple choice (likelihood ranking). Batched; under torchrun the
     items are split across processes. Writes predictions.json, metrics.json and metrics.md to --output."""
-    from .evaluation import distributed_session, evaluate, markdown_report
-
     gen = {k: v for k, v in (("num_beams", a.num_beams), ("max_new_tokens", a.max_new_tokens),
                              ("min_new_tokens", a.min_new_tokens), ("length_penalty", a.length_penalty),
                              ("repetition_penalty", a.repetition_penalty)) if v is not None}
@@ -133,8 +130,6 @@ def cmd_quickstart(a) -> None:
     image encoder), stage 1, stage 2, instruction tuning, evaluation and linear probes (with --ablations, also the
     two ablations); writes report.md / report.json and pictures to --output. Rerunning skips finished steps and
     resumes an interrupted one."""
-    from .quickstart.run import run_quickstart
-
     run_quickstart(a.output, smoke=a.smoke, configs=a.configs, progress=not a.no_progress, ablations=a.ablations,
                    seed=a.seed)
 
@@ -142,11 +137,7 @@ def cmd_quickstart(a) -> None:
 def cmd_serve(a) -> None:
     """Serve a checkpoint over HTTP: OpenAI-style /v1/chat/completions (streaming), /v1/caption, /v1/itm,
     /health, /v1/models and a web page at / (needs the `serve` extra: fastapi, uvicorn)."""
-    import torch
-
-    try:
-        from .serve.app import serve
-        from .serve.engine import ServeSettings
+    try:  # deferred: only to say clearly that the optional `serve` extra is missing
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:

@@ -28,9 +28,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist, metrics
+from .retrieval import score_matrix
 
 TASKS = ("caption", "vqa", "retrieval", "choice")
 VQA_TEMPLATE = "Question: {} Short answer:"
@@ -234,8 +236,6 @@ def _pixels(model, images) -> torch.Tensor:
 
 def _opens(path: str) -> bool:
     """True when `path` is a file that PIL recognises as an image (reads the header only)."""
-    from PIL import Image
-
     try:
         with Image.open(path):
             return True
@@ -493,8 +493,6 @@ def _retrieval(model, items, opts):
             chunk = ok[s:s + bs]
             yield (proc.images([it["image"] for it in chunk]) if b % world == rank
                    else torch.empty(len(chunk), 3, size, size))
-
-    from .retrieval import score_matrix
 
     i2t, t2i = score_matrix(model, batches, enc["input_ids"], enc["attention_mask"], k=opts["k"], batch_size=bs,
                             progress=opts["progress"])

@@ -117,7 +117,7 @@ def _java_on_path(java: str):
 
 
 def _coco_toolkit():
-    try:
+    try:  # deferred: the COCO caption toolkit is optional (scripts/setup.sh installs it with --no-deps)
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.meteor.meteor import Meteor

@@ -31,6 +31,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from transformers import AutoTokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -274,8 +275,6 @@ def _llm_is_encoder_decoder(path: Path, tokenizer) -> bool:
 
 
 def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:

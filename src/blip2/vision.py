@@ -146,7 +146,7 @@ class TimmViT(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        try:
+        try:  # deferred: timm is the optional `timm` extra
             import timm
         except Exception as e:  # timm also needs torchvision
             raise ImportError(f"vision.kind='timm' needs the timm package (pip install 'blip2[timm]'): {e}") from None
