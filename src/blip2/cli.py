@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint directory")
     p.add_argument("--json", action="store_true")
     p = add("train", cmd_train)
-    p.add_argument("config", help="run config (YAML), e.g. configs/tiny/stage1.yaml")
+    p.add_argument("config", help="run config (YAML), e.g. src/blip2/configs/tiny/stage1.yaml of a checkout")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
     p = add("cache-features", cmd_cache_features)
     p.add_argument("config", help="run config (YAML) whose training images are encoded")
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="the same pipeline at toy size (a few minutes)")
     p.add_argument("--output", default=None, help="run directory (default runs/quickstart, or runs/quickstart-smoke; "
                    "with --seed N != 0, -seedN appended)")
-    p.add_argument("--configs", default=None, help="directory of the step configs (default configs/quickstart)")
+    p.add_argument("--configs", default=None,
+                   help="directory of the step configs (default: blip2/configs/quickstart, shipped with the package)")
     p.add_argument("--ablations", action="store_true",
                    help="also train and evaluate the two ablations (reuses the finished main steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of every training step (the world stays the same)")

@@ -1,13 +1,14 @@
 """`blip2 quickstart`: stage 0 -> stage 1 -> stage 2 -> instruction tuning -> evaluation -> linear probes on the
 shapes world; with `--ablations`, then the two ablation trainings and their evaluations.
 
-Every training step runs what `blip2 train` runs (`blip2.train.loop.train`) on a config of `configs/quickstart/`
-(its `${...}` names filled in, the resolved file kept in OUTPUT/configs/), preceded by what `blip2 cache-features`
-runs where the encoder is frozen; every evaluation is `blip2.evaluation.evaluate`, the function behind
-`blip2 eval`. The functions are called directly (the quickstart never goes through the command line). A step is done when its marker
-(OUTPUT/<step>/.quickstart.json) holds the fingerprint of its config and of the steps it reads; a rerun skips
-done steps and resumes an interrupted one from its last checkpoint. `--smoke` runs the same path at toy size;
-`--seed N` reseeds every training (the world stays the same). The report's numbers are built in `summary.py`.
+Every training step runs what `blip2 train` runs (`blip2.train.loop.train`) on a config of
+`blip2/configs/quickstart/` (its `${...}` names filled in, the resolved file kept in OUTPUT/configs/), preceded
+by what `blip2 cache-features` runs where the encoder is frozen; every evaluation is `blip2.evaluation.evaluate`,
+the function behind `blip2 eval`. The functions are called directly, not through the command line. A step is
+done when its marker (OUTPUT/<step>/.quickstart.json) holds the fingerprint of its config and of the steps it
+reads; a rerun skips done steps and resumes an interrupted one from its last checkpoint. `--smoke` runs the same
+path at toy size; `--seed N` reseeds every training (the world stays the same). The report's numbers are built in
+`summary.py`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..data import shapes
 from ..evaluation import evaluate
 from ..pretrained import minilm_dir, smollm2_dir
 from ..train.cache_features import cache_features
-from ..train.config import load_run_config, merge, parse_overrides
+from ..train.config import load_run_config, merge, parse_overrides, shipped_configs
 from ..train.loop import train
 from . import summary as S
 from .probes import probe_report
@@ -85,13 +86,8 @@ def machine_speed(seconds: float = 1.0, n: int = 1024) -> dict:
 
 
 def config_dir() -> Path:
-    """configs/quickstart of the source tree (next to src/)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "configs" / "quickstart"
-        if cand.is_dir():
-            return cand
-    raise QuickstartError("configs/quickstart not found next to the package; pass --configs DIR")
+    """The quickstart's step configs: blip2/configs/quickstart, package data of the installed package."""
+    return shipped_configs() / "quickstart"
 
 
 # --------------------------------------------------------------------------------------------- plumbing

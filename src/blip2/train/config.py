@@ -1,11 +1,13 @@
 """Run configs: YAML files validated into dataclasses, `key=value` overrides, the resolved config saved.
 
-An unknown or ill-typed key is an error that names the key (dotted) and the allowed keys.
+An unknown or ill-typed key is an error that names the key (dotted) and the allowed keys. The configs that ship
+with the package (tiny/, quickstart/, the paper-scale ones) are package data: `shipped_configs()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,16 @@ STAGES = ("stage0", "stage1", "stage2", "instruct")
 
 class RunConfigError(ValueError):
     pass
+
+
+def shipped_configs() -> Path:
+    """The directory of the run configs inside the installed package (blip2/configs), found through
+    importlib.resources: the same in a source checkout and in an installed wheel."""
+    root = importlib.resources.files("blip2").joinpath("configs")
+    path = Path(str(root))
+    if not path.is_dir():  # e.g. a zipped install: no directory to hand to the file-based code
+        raise RunConfigError(f"the package's run configs are not a directory on disk ({root}); pass a config path")
+    return path
 
 
 @dataclass
