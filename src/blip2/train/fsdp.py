@@ -10,6 +10,7 @@ sharded LLM alone.
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import fully_shard  # FSDP2's public API (torch >= 2.6)
 
 
 def _blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
@@ -23,10 +24,6 @@ def _blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard_frozen_llm(model, device: torch.device) -> list[str]:
     """Shard `model.llm` in place; returns the names of the LLM's parameters and buffers (for DDP to ignore)."""
-    try:  # deferred: FSDP2's public fully_shard exists from torch 2.6 only (fsdp: true needs it)
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as e:  # torch < 2.6
-        raise RuntimeError(f"fsdp: this torch has no FSDP2 (fully_shard): {e}") from None
     llm = model.llm
     blocks = _blocks(llm)
     if not blocks:
