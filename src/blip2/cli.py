@@ -22,6 +22,10 @@ from .train.config import load_run_config
 from .train.loop import train
 
 
+# every command that takes a model reads it through blip2.checkpoint.find_checkpoint (in blip2.load / describe)
+MODEL_HELP = "a transformers-format checkpoint directory or a `blip2 train` run directory (its model/ is read)"
+
+
 def _gen_kwargs(a) -> dict:
     kw = {"max_new_tokens": a.max_new_tokens, "num_beams": a.num_beams}
     if a.min_new_tokens is not None:
@@ -166,7 +170,7 @@ def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (transformers format)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_generation(p, max_new=256)
     p = add("info", cmd_info)
-    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p = add("train", cmd_train)
     p.add_argument("config", help="run config (YAML), e.g. src/blip2/configs/tiny/stage1.yaml of a checkout")
@@ -225,12 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     _add_model(p)
-    g = p.add_argument_group("generation (caption / vqa; defaults per task, SPEC §8)")
+    g = p.add_argument_group("generation (caption / vqa; defaults per task: LAVIS lavis/projects/blip2/eval/*.yaml)")
     for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--min-new-tokens", int),
                        ("--length-penalty", float), ("--repetition-penalty", float)):
         g.add_argument(flag, type=kind, default=None)
     p = add("serve", cmd_serve)
-    p.add_argument("--model", required=True, help="checkpoint directory (transformers format, with tokenizer)")
+    p.add_argument("--model", required=True, help=MODEL_HELP + " (with tokenizer files)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="model id reported by the API (default: the directory name)")
