@@ -1,7 +1,7 @@
 """LAVIS `.pth` checkpoints: key placement, parity with transformers' own conversion, round trip, errors.
 
-The LAVIS-layout fixtures are written by hand from the documented LAVIS key names (SPEC §7), never produced by
-the converter under test. The independent reference is transformers' LAVIS conversion scripts
+The LAVIS-layout fixtures are written by hand from the documented LAVIS key names (docs/architecture.md), never
+produced by the converter under test. The independent reference is transformers' LAVIS conversion scripts
 (convert_blip_2_original_to_pytorch.py, convert_instructblip_original_to_pytorch.py; not shipped in the wheel):
 their renames are transcribed in `hf_names` below, the renamed weights go into transformers' own tiny models,
 and our model loaded from the same LAVIS file must give the same logits.

@@ -1,4 +1,5 @@
-"""Benchmark evaluation (SPEC §8-9): annotation readers, task runners, multiple-choice ranking, result files.
+"""Benchmark evaluation (BLIP-2 paper §4; docs/architecture.md §2): annotation readers, task runners,
+multiple-choice ranking, result files.
 
     report = evaluate("vqa", model, ["questions.json", "annotations.json"], "images/", output="runs/eval/vqa")
 
@@ -39,8 +40,9 @@ VQA_TEMPLATE = "Question: {} Short answer:"
 
 
 def generation_defaults(task: str, is_encoder_decoder: bool) -> dict:
-    """SPEC §8: captions 5 beams, 30 max / 8 min new tokens; VQA 5 beams, 10 max / 1 min, length penalty -1 for
-    encoder-decoder LLMs (Flan-T5) and 0 for decoder-only ones (OPT)."""
+    """As LAVIS's eval configs (lavis/projects/blip2/eval/*.yaml): captions 5 beams, 30 max / 8 min new tokens;
+    VQA 5 beams, 10 max / 1 min, length penalty -1 for encoder-decoder LLMs (Flan-T5) and 0 for decoder-only ones
+    (OPT)."""
     if task == "caption":
         return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
     if task == "vqa":

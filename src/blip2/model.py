@@ -1,4 +1,5 @@
-"""BLIP-2 / InstructBLIP: frozen image encoder -> Q-Former -> projection -> frozen LLM (SPEC §1).
+"""BLIP-2 / InstructBLIP: frozen image encoder -> Q-Former -> projection -> frozen LLM (BLIP-2 paper §3.1;
+docs/architecture.md has the data path with shapes).
 
 `Blip2Model` covers the three public layouts: 'blip2' (queries -> LLM), 'instructblip' (the instruction enters
 the Q-Former with the queries too) and 'blip2-retrieval' (no LLM; ITC/ITM heads). The LLM is a transformers
@@ -179,7 +180,8 @@ class Blip2Model(nn.Module):
                 if qformer_attention_mask is not None:
                     qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
         image = self.encode_image(pixel_values)
-        # without qformer_input_ids an InstructBLIP Q-Former sees only the queries: BLIP-2 behaviour (SPEC §1)
+        # without qformer_input_ids an InstructBLIP Q-Former sees only the queries: BLIP-2 behaviour (the InstructBLIP
+        # paper's ablation without instruction-aware features)
         out = self.qformer(image, input_ids=qformer_input_ids, text_mask=qformer_attention_mask, mode="itm")
         q = out.query_output  # (B*F, Q, H)
         if frames > 1:
@@ -348,7 +350,7 @@ class Blip2Model(nn.Module):
 
     def answer(self, images, questions: list[str] | str, template: str = "Question: {} Short answer:",
                **generation) -> list[str]:
-        """Short answers (SPEC §8 VQA prompt) to one question per image."""
+        """Short answers (the zero-shot VQA prompt of the BLIP-2 paper §4.1) to one question per image."""
         questions = [questions] if isinstance(questions, str) else list(questions)
         prompts = [template.format(q) for q in questions]
         return self._generate_text(images, prompts, prompts, **generation)

@@ -307,7 +307,7 @@ class Processor:
         tokenizer.truncation_side = "left"  # keep the end of a long prompt ("... Short answer:")
         if qformer_tokenizer is not None:
             qformer_tokenizer.padding_side = "right"
-            qformer_tokenizer.truncation_side = "left"  # SPEC §5: the instruction is truncated on the left
+            qformer_tokenizer.truncation_side = "left"  # the instruction is truncated on the left (LAVIS)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Processor | None":

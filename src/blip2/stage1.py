@@ -1,4 +1,5 @@
-"""Stage 1: Q-Former representation learning with the image encoder frozen (SPEC §3).
+"""Stage 1: Q-Former representation learning with the image encoder frozen (BLIP-2 paper §3.2;
+LAVIS blip2_qformer.py: Blip2Qformer.forward).
 
 `stage1_losses` is the whole objective: one queries-only pass (whose keys/values ITG reuses), one text-only
 pass (ITC), one bidirectional pass over 3B (text, image) pairs (ITM with hard negatives from the global batch),

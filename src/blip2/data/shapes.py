@@ -16,7 +16,7 @@ Held-out split: a scene's graph (`scene_key`: objects with their attributes + pa
 no exact positions) is hashed to a bucket; bucket 0 -> val, 1 -> test, 2-9 -> train. A val or test scene's graph
 therefore never occurs in training (not even moved to other cells), in any world written with any settings.
 Task families are also split: `held_in` tasks are trained, `held_out` tasks are only evaluated (InstructBLIP's
-zero-shot protocol, SPEC §5).
+zero-shot protocol of the InstructBLIP paper).
 
 `write_world` writes it all in the training formats (blip2.train.data): PNG images, JSON annotation lists,
 webdataset shards of the training captions, and a `world.json` manifest.

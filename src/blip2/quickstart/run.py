@@ -53,7 +53,7 @@ SMOKE_OVERRIDES = {  # same configs, toy size
     "stage2": ["max_steps=3", "save_every=2", "data.batch_size=4", "optim.warmup_steps=1"],
     "instruct": ["max_steps=3", "save_every=2", "data.batch_size=4", "optim.warmup_steps=1"],
 }
-CAPTION_PROMPT = "A short image caption:"  # an instruction template (SPEC §5), for the instruction-tuned models
+CAPTION_PROMPT = "A short image caption:"  # an InstructBLIP template, for the instruction-tuned models
 VQA_TEMPLATE = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt; also an instruction template
 CAPTION_GENERATION = {"num_beams": 1, "max_new_tokens": 32, "min_new_tokens": 1}
 VQA_GENERATION = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 1}

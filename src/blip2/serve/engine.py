@@ -29,7 +29,7 @@ from .batching import Job
 __all__ = ["Decoding", "Engine", "RequestError", "ServeSettings"]
 
 log = logging.getLogger("blip2.serve")
-CAPTION_INSTRUCTION = "A short image caption:"  # InstructBLIP's captioning instruction (SPEC §5)
+CAPTION_INSTRUCTION = "A short image caption:"  # InstructBLIP's captioning instruction (the paper's templates)
 
 
 @dataclass
@@ -188,7 +188,7 @@ class Engine:
             if self.arch == "instructblip":
                 text = text or CAPTION_INSTRUCTION
                 qformer = self._encode(self.proc.tokenize_qformer, text, "instruction", s.max_prompt_tokens,
-                                       max_length=self.qformer_max_len)  # truncated on the left (SPEC §5)
+                                       max_length=self.qformer_max_len)  # truncated on the left, as LAVIS
             if text or self.model.cfg.is_encoder_decoder:  # T5 captions from an empty prompt (its EOS)
                 prompt = self._encode(self.proc.tokenize_prompts, text or "", "prompt", s.max_prompt_tokens)
             if self.context is not None:

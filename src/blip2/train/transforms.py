@@ -5,8 +5,8 @@ Every random transform takes an explicit `np.random.Generator`: the data code se
 however often training is resumed (see `blip2.train.data.seeded_rng`).
 
 - `TrainTransform`: random resized crop (area scale 0.5-1, aspect ratio 3/4-4/3, bicubic) + horizontal flip,
-  then the CLIP normalisation of `blip2.processing.ImageProcessor` (SPEC §6).
-- `EvalTransform`: the ImageProcessor itself (square bicubic resize + normalisation; SPEC §8).
+  then the CLIP normalisation of `blip2.processing.ImageProcessor` (BLIP-2 paper §3.4).
+- `EvalTransform`: the ImageProcessor itself (square bicubic resize + normalisation; LAVIS BlipImageEvalProcessor).
 - `pre_caption` / `pre_question`: LAVIS-style text cleaning (lowercase, drop some punctuation, cap words).
 """
 
