@@ -5,6 +5,10 @@ docs/architecture.md has the data path with shapes).
 the Q-Former with the queries too) and 'blip2-retrieval' (no LLM; ITC/ITM heads). The LLM is a transformers
 model (AutoModelForCausalLM / AutoModelForSeq2SeqLM) wrapped, not forked. The model never sees strings: the
 text helpers (`caption`, `answer`, `instruct`) go through an attached `Processor`.
+
+`generate`, `caption` (Q-Former decoding for stage-1 models), `losses` (stage 1) and `save_pretrained` delegate
+to generation.py, qformer_caption.py, stage1.py and checkpoint.py, which take the model as an argument and never
+import this module; models are built from files one layer up, in api.py (docs/architecture.md §3).
 """
 
 from __future__ import annotations
