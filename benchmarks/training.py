@@ -103,7 +103,7 @@ def _median(xs: list[float]) -> float:
 
 
 def bench_stage(stage: str, work: Path, steps: int, warmup: int, batch_size: int) -> dict:
-    from blip2.train.feature_cache import cache_features
+    from blip2.train.cache_features import cache_features
 
     cache = work / "feature_cache"
     t0 = time.perf_counter()

@@ -80,7 +80,7 @@ def test_stage2_opt_prompt_mask_and_newline(toks, image_file):
     b = Collator("stage2", proc(toks, "opt"), prompt="a photo of")(
         [sample(image_file, "a cat on the couch"), sample(image_file, "a dog", "k1")])
     ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
-    # OPT puts </s> first (BOS); the caption ends with "\n" (SPEC §4), the token OPT generation stops on
+    # OPT puts </s> first (BOS); the caption ends with "\n" (LAVIS Blip2OPT), the token OPT generation stops on
     assert tokens(ref, ids[0]) == ["</s>", "a", "Ġphoto", "Ġof", "Ġa", "Ġcat", "Ġon", "Ġthe", "Ġcouch", "Ċ"]
     assert ids[0].tolist() == ref("a photo of a cat on the couch\n")["input_ids"]
     # positions 0..3 (BOS + the 3 prompt tokens) carry no loss; every caption token and "\n" does

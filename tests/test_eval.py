@@ -207,7 +207,7 @@ def test_eval_caption_end_to_end(opt_dir, photos, tmp_path, capsys):
     assert [p["image_id"] for p in preds] == [0, 1, 3]  # annotation order, the missing image left out
     assert report["skipped"] == 1 and report["skipped_items"][0]["id"] == 2
     assert "not found" in report["skipped_items"][0]["reason"]
-    assert report["generation"] == {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}  # SPEC §8 defaults
+    assert report["generation"] == {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}  # LAVIS eval defaults
     model = blip2.load(opt_dir)
     for p, img in zip(preds, [photos[0], photos[1], photos[3]]):
         assert p["caption"] == model.caption([img], num_beams=5, max_new_tokens=30, min_new_tokens=8)[0]
@@ -228,7 +228,7 @@ def test_eval_caption_end_to_end(opt_dir, photos, tmp_path, capsys):
 def test_eval_vqa_end_to_end(opt_dir, photos, tmp_path):
     model = blip2.load(opt_dir)
     questions = ["what is in the picture?", "what color is the cat?", "how many dogs are there?"]
-    # the answers the model gives with the SPEC §8 settings (length penalty 0 for OPT)
+    # the answers the model gives with the LAVIS eval settings (length penalty 0 for OPT)
     answers = model.answer(photos[:3], questions, num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=0.0)
     # hand-set human answers: question 0 has 2 of 10 humans agreeing (0.6), question 1 all 10 (1.0), question 2
     # none (0.0); question 3 has an empty answer list and is skipped

@@ -19,10 +19,11 @@ from PIL import Image
 
 from blip2.processing import ImageError, ImageProcessor
 from blip2.train.build import build_model
-from blip2.train.config import RunConfigError, load_run_config
-from blip2.train.feature_cache import FeatureCacheError, FeatureStore, cache_features, open_feature_store
+from blip2.train.config import RunConfigError, load_run_config, shipped_configs
+from blip2.train.cache_features import cache_features
+from blip2.train.feature_cache import FeatureCacheError, FeatureStore, open_feature_store
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "tiny"
+CONFIGS = shipped_configs() / "tiny"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent / "src"), os.environ.get("PYTHONPATH", "")])}
 FAST = ["plots=false", "tensorboard=false"]

@@ -1,7 +1,7 @@
 """LAVIS `.pth` checkpoints: key placement, parity with transformers' own conversion, round trip, errors.
 
-The LAVIS-layout fixtures are written by hand from the documented LAVIS key names (SPEC §7), never produced by
-the converter under test. The independent reference is transformers' LAVIS conversion scripts
+The LAVIS-layout fixtures are written by hand from the documented LAVIS key names (docs/architecture.md), never
+produced by the converter under test. The independent reference is transformers' LAVIS conversion scripts
 (convert_blip_2_original_to_pytorch.py, convert_instructblip_original_to_pytorch.py; not shipped in the wheel):
 their renames are transcribed in `hf_names` below, the renamed weights go into transformers' own tiny models,
 and our model loaded from the same LAVIS file must give the same logits.
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from blip2.checkpoint import CheckpointError, hf_to_ours
 from blip2.config import Blip2Config
-from blip2.convert_lavis import (lavis_architecture, lavis_to_ours, load_lavis, ours_to_lavis, read_lavis,
-                                 save_lavis)
+from blip2.api import load_lavis
+from blip2.convert_lavis import lavis_architecture, lavis_to_ours, ours_to_lavis, read_lavis, save_lavis
 from hf_models import (LLAMA_GQA, NUM_QUERY, OPT, T5_UNTIED, blip2_hf, instructblip_hf, pixels, retrieval_hf,
                        text_ids, with_placeholders)
 

@@ -282,8 +282,8 @@ def _our_numel(name: str) -> tuple[int, int, int]:
     """Our Blip2Model on meta: (unique parameters, LAVIS's ITC temperature, zero ViT k-biases not stored).
 
     Two storage differences from the transformers checkpoint are allowed, each exactly: transformers stores no
-    temperature (SPEC §7), and it stores each ViT block's qkv bias as cat(q_bias, 0, v_bias) [3D] where a
-    LAVIS-style tower keeps only q_bias and v_bias [D each], so D zeros per block are not parameters here."""
+    temperature (see docs/architecture.md), and it stores each ViT block's qkv bias as cat(q_bias, 0, v_bias) [3D]
+    where a LAVIS-style tower keeps only q_bias and v_bias [D each], so D zeros per block are not parameters here."""
     pytest.importorskip("blip2.model", reason="blip2.model not written yet")
     from blip2.model import Blip2Model
 

@@ -70,7 +70,7 @@ def test_beam_search_shapes_and_one_beam_is_greedy(model):
 def test_caption_method_decodes_with_the_bert_tokenizer(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    from blip2.stage1 import from_bert
+    from blip2 import from_bert
     from fixtures import make_bert_tokenizer, sample_image
 
     d = make_bert_tokenizer(tmp_path / "bert")

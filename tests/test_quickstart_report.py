@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -17,15 +15,6 @@ from blip2.quickstart import summary as S
 from blip2.quickstart.report import (GREEN, RED, markdown, plot_gallery, plot_losses, plot_validation, qa_line,
                                      summary_lines, write_report)
 from blip2.quickstart.stats import bootstrap_ci, paired_bootstrap_diff, verdict
-
-
-@pytest.fixture(autouse=True)
-def probes_stand_in(monkeypatch):
-    """A stand-in for blip2.quickstart.probes: the report only calls its probe_table."""
-    mod = types.ModuleType("blip2.quickstart.probes")
-    mod.probe_table = lambda rep: ["| representation | colours |", "|---|---|",
-                                   *[f"| {k} | {v['colours']:.1f} |" for k, v in rep["rows"].items()], ""]
-    monkeypatch.setitem(sys.modules, "blip2.quickstart.probes", mod)
 
 
 def _sample() -> dict:

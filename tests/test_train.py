@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "tiny"
+from blip2.train.config import shipped_configs
+
+CONFIGS = shipped_configs() / "tiny"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip2.train.config import RunConfigError, load_run_config, parse_overrides
+from blip2.train.config import RunConfigError, load_run_config, parse_overrides, shipped_configs
 from blip2.train.optim import lr_at, param_groups
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = shipped_configs()
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)

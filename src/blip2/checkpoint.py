@@ -1,9 +1,10 @@
 """Reading and writing checkpoints: the transformers format (Blip2ForConditionalGeneration,
 Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration directories).
 
-Conversion is a declarative key map (ours <-> transformers) with strict key and shape checks; the model code
-never imports this module. Weight files: single or sharded safetensors, legacy `.bin` (loaded with
-weights_only=True). Tied weights may be absent from the file or present.
+Conversion is a declarative key map (ours <-> transformers) with strict key and shape checks. This module never
+builds a model: `blip2.api.load_pretrained` does, from `read_checkpoint`; `save_pretrained` takes one. Weight
+files: single or sharded safetensors, legacy `.bin` (loaded with weights_only=True). Tied weights may be absent
+from the file or present. `find_checkpoint` is the one resolver of what a user may name as a model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .config import Blip2Config, ConfigError
 
@@ -154,8 +156,6 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"weight file {path} is missing")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except CheckpointError:
@@ -259,46 +259,44 @@ def _short(keys: list[str], n: int = 8) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ load
-def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, device=None):
-    from transformers.initialization import no_init_weights
+def find_checkpoint(path: str | Path) -> Path:
+    """Where the model behind `path` is, for every command and `blip2.load`: a transformers-format directory (it
+    holds config.json), a `blip2 train` run directory (its exported `model/`), or a LAVIS `.pth` / `.pt` file
+    (returned as is: the caller reads it). Anything else is a CheckpointError naming the accepted forms."""
+    p = Path(path)
+    if p.suffix in (".pth", ".pt"):
+        return p
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p
+        if (p / "model" / "config.json").is_file():
+            return p / "model"  # a `blip2 train` output directory
+        if (p / "model" / "vit.pth").is_file():
+            raise CheckpointError(f"{p}: a stage-0 run; its model/vit.pth is an image encoder alone (the "
+                                  f"model.vit_path of later stages), not a BLIP-2 checkpoint")
+    raise CheckpointError(f"{p}: no config.json: expected a transformers-format checkpoint directory, a `blip2 "
+                          f"train` run directory (with model/config.json) or a LAVIS .pth file")
 
-    from .model import Blip2Model
 
+def read_checkpoint(directory: str | Path) -> tuple[Blip2Config, dict[str, torch.Tensor]]:
+    """The config and the weights (our names) of a transformers-format directory; a weight with no place in
+    the architecture is an error. `blip2.api.load_pretrained` builds the model and copies them in."""
     d = Path(directory)
     if not d.exists():
         raise CheckpointError(f"{d}: no such checkpoint directory")
     cfg = read_config(d)
-    state = read_weights(d)
-    ours, unknown = hf_to_ours(state, cfg.architecture)
+    ours, unknown = hf_to_ours(read_weights(d), cfg.architecture)
     if unknown:
         raise CheckpointError(f"{d}: weights with no place in a {cfg.architecture} model: {_short(sorted(unknown))}")
-    with no_init_weights():  # every tensor is overwritten below; skip the random initialisation
-        model = Blip2Model(cfg)
-    if model.llm is not None:
-        model.llm.tie_weights()  # skipped with the initialisation above
-    load_into(model, ours, str(d), allow_missing=NOT_IN_HF)
-    model.processor = _processor(d)
-    if dtype is not None:
-        model.set_dtype(dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
-
-
-def _processor(d: Path):
-    try:
-        from .processing import Processor
-    except ImportError:
-        return None
-    return Processor.from_dir(d)
+    return cfg, ours
 
 
 # ------------------------------------------------------------------------------------------------ save
 def save_pretrained(model, path: str | Path, max_shard_size: int = 2 * 1024**3, state: dict | None = None) -> None:
     """Write config.json + safetensors (sharded above max_shard_size) + tokenizer files, atomically.
     `state`: the model's state dict when it is not `model.state_dict()` (e.g. gathered from shards)."""
-    from safetensors.torch import save_file
-
     cfg: Blip2Config = model.cfg
     try:
         hf_cfg = cfg.to_hf()

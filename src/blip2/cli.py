@@ -8,6 +8,23 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from .api import load
+from .demo import run_demo
+from .evaluation import distributed_session, evaluate, markdown_report
+from .info import describe
+from .quickstart.run import run_quickstart
+from .serve.app import serve
+from .serve.engine import ServeSettings
+from .train.cache_features import cache_features
+from .train.config import load_run_config
+from .train.loop import train
+
+
+# every command that takes a model reads it through blip2.checkpoint.find_checkpoint (in blip2.load / describe)
+MODEL_HELP = "a transformers-format checkpoint directory or a `blip2 train` run directory (its model/ is read)"
+
 
 def _gen_kwargs(a) -> dict:
     kw = {"max_new_tokens": a.max_new_tokens, "num_beams": a.num_beams}
@@ -23,14 +40,10 @@ def _gen_kwargs(a) -> dict:
 
 
 def _load(a):
-    import torch
-
-    import blip2
-
     if a.seed is not None:
         torch.manual_seed(a.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    return blip2.load(a.model, dtype=dtype, device=a.device)
+    return load(a.model, dtype=dtype, device=a.device)
 
 
 def _emit(a, rows: list[dict], key: str) -> None:
@@ -65,8 +78,6 @@ def cmd_instruct(a) -> None:
 
 def cmd_info(a) -> None:
     """Describe a checkpoint: architecture, parameters per part, dtype."""
-    from .info import describe
-
     info = describe(a.model)
     if a.json:
         print(json.dumps(info, indent=2))
@@ -81,17 +92,12 @@ def cmd_info(a) -> None:
 def cmd_demo(a) -> None:
     """Build a tiny random BLIP-2 (OPT) with a small tokenizer, save it in the transformers format, load it back,
     caption two photos that ship with scikit-image, and check the ids against transformers' own generate."""
-    from .demo import run_demo
-
     run_demo(Path(a.output))
 
 
 def cmd_train(a) -> None:
     """Train stage 1, stage 2 or InstructBLIP from a YAML run config; key=value pairs override it
     (e.g. `max_steps=20 optim.lr=3e-4 resume=true`). Works in one process and under torchrun."""
-    from .train.config import load_run_config
-    from .train.loop import train
-
     cfg = load_run_config(a.config, a.overrides)
     summary = train(cfg)
     print(json.dumps(summary))
@@ -101,9 +107,6 @@ def cmd_cache_features(a) -> None:
     """Run the frozen image encoder once over the training images of a run config and store its outputs
     (sharded safetensors) in data.feature_cache (default OUTPUT/feature_cache); key=value pairs override the
     config. Training with data.feature_cache set and data.augment=false then reads them instead of images."""
-    from .train.config import load_run_config
-    from .train.feature_cache import cache_features
-
     cfg = load_run_config(a.config, a.overrides)
     print(cache_features(cfg))
 
@@ -112,8 +115,6 @@ def cmd_eval(a) -> None:
     """Evaluate a checkpoint on a benchmark: captioning (BLEU, METEOR, ROUGE-L, CIDEr), VQA (VQAv2 accuracy / exact
     match), image-text retrieval (recall@K) or multiple choice (likelihood ranking). Batched; under torchrun the
     items are split across processes. Writes predictions.json, metrics.json and metrics.md to --output."""
-    from .evaluation import distributed_session, evaluate, markdown_report
-
     gen = {k: v for k, v in (("num_beams", a.num_beams), ("max_new_tokens", a.max_new_tokens),
                              ("min_new_tokens", a.min_new_tokens), ("length_penalty", a.length_penalty),
                              ("repetition_penalty", a.repetition_penalty)) if v is not None}
@@ -133,8 +134,6 @@ def cmd_quickstart(a) -> None:
     image encoder), stage 1, stage 2, instruction tuning, evaluation and linear probes (with --ablations, also the
     two ablations); writes report.md / report.json and pictures to --output. Rerunning skips finished steps and
     resumes an interrupted one."""
-    from .quickstart.run import run_quickstart
-
     run_quickstart(a.output, smoke=a.smoke, configs=a.configs, progress=not a.no_progress, ablations=a.ablations,
                    seed=a.seed)
 
@@ -142,11 +141,7 @@ def cmd_quickstart(a) -> None:
 def cmd_serve(a) -> None:
     """Serve a checkpoint over HTTP: OpenAI-style /v1/chat/completions (streaming), /v1/caption, /v1/itm,
     /health, /v1/models and a web page at / (needs the `serve` extra: fastapi, uvicorn)."""
-    import torch
-
-    try:
-        from .serve.app import serve
-        from .serve.engine import ServeSettings
+    try:  # deferred: only to say clearly that the optional `serve` extra is missing
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
@@ -175,7 +170,7 @@ def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (transformers format)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -207,10 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_generation(p, max_new=256)
     p = add("info", cmd_info)
-    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p = add("train", cmd_train)
-    p.add_argument("config", help="run config (YAML), e.g. configs/tiny/stage1.yaml")
+    p.add_argument("config", help="run config (YAML), e.g. src/blip2/configs/tiny/stage1.yaml of a checkout")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
     p = add("cache-features", cmd_cache_features)
     p.add_argument("config", help="run config (YAML) whose training images are encoded")
@@ -234,12 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     _add_model(p)
-    g = p.add_argument_group("generation (caption / vqa; defaults per task, SPEC §8)")
+    g = p.add_argument_group("generation (caption / vqa; defaults per task: LAVIS lavis/projects/blip2/eval/*.yaml)")
     for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--min-new-tokens", int),
                        ("--length-penalty", float), ("--repetition-penalty", float)):
         g.add_argument(flag, type=kind, default=None)
     p = add("serve", cmd_serve)
-    p.add_argument("--model", required=True, help="checkpoint directory (transformers format, with tokenizer)")
+    p.add_argument("--model", required=True, help=MODEL_HELP + " (with tokenizer files)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="model id reported by the API (default: the directory name)")
@@ -259,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="the same pipeline at toy size (a few minutes)")
     p.add_argument("--output", default=None, help="run directory (default runs/quickstart, or runs/quickstart-smoke; "
                    "with --seed N != 0, -seedN appended)")
-    p.add_argument("--configs", default=None, help="directory of the step configs (default configs/quickstart)")
+    p.add_argument("--configs", default=None,
+                   help="directory of the step configs (default: blip2/configs/quickstart, shipped with the package)")
     p.add_argument("--ablations", action="store_true",
                    help="also train and evaluate the two ablations (reuses the finished main steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of every training step (the world stays the same)")

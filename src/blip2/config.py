@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 ARCHITECTURES = ("blip2", "instructblip", "blip2-retrieval")
 
 # transformers class name <-> our architecture name
@@ -163,9 +165,7 @@ class LLMConfig:
         return self.model_type in ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "longt5")
 
     def to_transformers(self):
-        """The transformers config object (imports transformers lazily)."""
-        from transformers import AutoConfig
-
+        """The transformers config object."""
         d = dict(self.hf_config)
         mt = d.pop("model_type")
         try:

@@ -1,4 +1,5 @@
-"""Initialise a Q-Former from any BERT-family checkpoint directory (SPEC §1).
+"""Initialise a Q-Former from any BERT-family checkpoint directory (BLIP-2 paper §3.2;
+LAVIS Blip2Base.init_Qformer).
 
 BERT's embeddings, self-attention, text FFN and MLM head are copied; cross-attention stays random; then every
 query FFN is copied from its text twin. The Q-Former has no token-type embedding, so BERT's type-0 vector

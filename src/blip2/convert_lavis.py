@@ -3,8 +3,9 @@
 LAVIS saves only what was trained (+ buffers): the Q-Former, `query_tokens`, `ln_vision`, the LLM projection
 (`opt_proj` / `t5_proj` / `llm_proj`), the stage-1 heads when present, and `visual_encoder.*` only when the ViT
 was trained. The frozen ViT comes from `eva_vit_g.pth` (the same keys without `visual_encoder.`) and the LLM
-from its own files, so a model loaded from a LAVIS file alone keeps random weights there: `load_lavis` says so
-(a warning and `model.load_report`).
+from its own files, so a model loaded from a LAVIS file alone keeps random weights there: `fill_from_lavis` says
+so (a warning and `model.load_report`). This module never builds a model: `blip2.api.load_lavis` reads the file
+(`read_lavis_checkpoint`), builds the model from the config it returns and fills it (`fill_from_lavis`).
 
 Conversion is a declarative key map (LAVIS pattern <-> our pattern) with strict key and shape checks, as
 `checkpoint.py` does for the transformers format. LAVIS-only entries are dropped on the way in: the BERT
@@ -19,11 +20,13 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError, load_into, read_weights
 from .config import Blip2Config, ConfigError
@@ -289,8 +292,6 @@ def _read_llm(llm, model) -> tuple[dict[str, torch.Tensor], str]:
         if p.is_dir():
             state = read_weights(p)
         elif p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(p))
         else:
             state = _torch_load(p, "LLM weights")
@@ -394,23 +395,28 @@ PARTS = ("vision", "ln_vision", "qformer", "qformer.lm_head", "language_projecti
 OPTIONAL_PARTS = ("vision", "llm", "language_projection")
 
 
-def load_lavis(path: str | Path, config: str | Path | Blip2Config, vit: str | Path | None = None,
-               llm=None, strict: bool = True, dtype: torch.dtype | None = None, device=None):
-    """A `Blip2Model` from a LAVIS `.pth` checkpoint.
+@dataclass
+class LavisCheckpoint:
+    """A LAVIS file read and translated to our names, before a model exists (`read_lavis_checkpoint`)."""
 
-    config: a preset name, a `Blip2Config`, or the path of a config.json (transformers or our own format).
-    Parts the file has weights for but the config lacks are switched on (stage-1 heads, the Q-Former's text
-    side and LM head), with a warning. vit: an `eva_vit_g.pth`-style file for the frozen ViT (extra blocks are
-    dropped, the position table is resized to the configured image size). llm: the LLM's weights (a
-    transformers directory, a weight file, a state dict or a module). What no source covers keeps its random
-    initial values: `model.load_report` lists the parts (`loaded`, `random`, `partial`) and a warning names them.
+    path: Path
+    cfg: Blip2Config  # the config with the parts the file has weights for switched on
+    weights: dict[str, torch.Tensor]  # our key -> tensor (the file's, plus the ViT file's)
+    origin: dict[str, str]  # our key -> "file:key", for error messages
+    unknown: list[str]  # "file:key" of weights nothing maps
+    ignored: list[str]  # "file:key" of LAVIS-only entries dropped on purpose
+    notes: list[str]
+    changes: list[str]  # the config parts switched on
+    detected: str | None  # the LAVIS architecture the file's keys point to
+    vit: str | Path | None = None
 
-    strict=True: keys that have no place in the model, and missing weights other than whole optional parts
-    (ViT, LLM, LLM projection), are errors. strict=False skips unknown keys and leaves any missing weight
-    random (both reported). Shape mismatches are always errors.
-    """
-    from .model import Blip2Model
 
+def read_lavis_checkpoint(path: str | Path, config: str | Path | Blip2Config,
+                          vit: str | Path | None = None) -> LavisCheckpoint:
+    """Read a LAVIS `.pth` (and an `eva_vit_g.pth`-style `vit` file) into our names, and the config of the model
+    that holds them: parts the file has weights for but `config` lacks are switched on (stage-1 heads, the
+    Q-Former's text side and LM head), with a warning. `blip2.api.load_lavis` builds the model and calls
+    `fill_from_lavis`."""
     path = Path(path)
     cfg = _resolve_config(config)
     lavis = read_lavis(path)
@@ -434,8 +440,19 @@ def load_lavis(path: str | Path, config: str | Path | Blip2Config, vit: str | Pa
             notes.append(f"the file's projection is {got} (LAVIS {detected}) but the config's LLM is "
                          f"{cfg.llm.model_type!r}, which LAVIS names {expected}")
             logger.warning("%s: %s", path, notes[-1])
+    return LavisCheckpoint(path, cfg, ours, origin, unknown, ignored, notes, changes, detected, vit)
 
-    model = Blip2Model(cfg)
+
+def fill_from_lavis(model, ckpt: LavisCheckpoint, llm=None, strict: bool = True) -> None:
+    """Copy a read LAVIS checkpoint into `model` (built from `ckpt.cfg`), with the LLM's weights from `llm` (a
+    transformers directory, a weight file, a state dict or a module). What no source covers keeps its values;
+    `model.load_report` lists the parts (`loaded`, `random`, `partial`) and a warning names them.
+
+    strict=True: keys that have no place in the model, and missing weights other than whole optional parts
+    (ViT, LLM, LLM projection), are errors. strict=False skips unknown keys and leaves any missing weight
+    random (both reported). Shape mismatches are always errors."""
+    path, cfg, ours, origin = ckpt.path, ckpt.cfg, dict(ckpt.weights), dict(ckpt.origin)
+    unknown, notes = list(ckpt.unknown), list(ckpt.notes)
     llm_source = None
     if llm is not None:
         if model.llm is None:
@@ -476,11 +493,12 @@ def load_lavis(path: str | Path, config: str | Path | Blip2Config, vit: str | Pa
     load_into(model, ours, str(path), allow_missing=missing)
     random = [p for p, s in status.items() if s == "random"]
     model.load_report = {
-        "file": str(path), "vit_file": None if vit is None else str(vit), "llm_source": llm_source,
-        "lavis_architecture": detected,
+        "file": str(path), "vit_file": None if ckpt.vit is None else str(ckpt.vit), "llm_source": llm_source,
+        "lavis_architecture": ckpt.detected,
         "loaded": [p for p, s in status.items() if s == "loaded"], "random": random,
         "partial": {p: s for p, s in status.items() if isinstance(s, list)},
-        "config_changes": changes, "ignored": ignored, "unknown": unknown if not strict else [], "notes": notes,
+        "config_changes": ckpt.changes, "ignored": ckpt.ignored, "unknown": unknown if not strict else [],
+        "notes": notes,
     }
     left = random + [f"{p} (partly)" for p, s in status.items() if isinstance(s, list)]
     if left:
@@ -490,11 +508,6 @@ def load_lavis(path: str | Path, config: str | Path | Blip2Config, vit: str | Pa
         logger.warning("%s: parts left with random weights: %s%s", path, ", ".join(left), f" ({tips})" if tips else "")
     if unknown:
         logger.warning("%s: skipped %d weight(s) with no place in the model: %s", path, len(unknown), _short(unknown))
-    if dtype is not None:
-        model.set_dtype(dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
 
 
 def _part_status(own: Mapping[str, torch.Tensor], missing: set[str]) -> dict[str, str | list[str]]:

@@ -12,13 +12,18 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
+from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 
+from .api import load
 from .config import Blip2Config
+from .model import Blip2Model
+from .processing import ImageProcessor, Processor
+from .tiny import make_gpt2_tokenizer
 
 
 def _photos(out: Path) -> list[Path]:
-    from PIL import Image
-    from skimage import data
+    from skimage import data  # deferred: scikit-image (the photos) is a test extra, needed by `blip2 demo` only
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -32,12 +37,6 @@ def _photos(out: Path) -> list[Path]:
 
 def build_demo_checkpoint(directory: Path, seed: int = 0) -> Path:
     """A tiny random BLIP-2 + OPT checkpoint with tokenizer and preprocessor files."""
-    from transformers import AutoTokenizer
-
-    from .model import Blip2Model
-    from .processing import ImageProcessor, Processor
-    from .tiny import make_gpt2_tokenizer
-
     tok_dir = make_gpt2_tokenizer(directory / "_tokenizer", vocab_size=512)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     image_token = tok.convert_tokens_to_ids("<image>")
@@ -62,20 +61,16 @@ def build_demo_checkpoint(directory: Path, seed: int = 0) -> Path:
 
 
 def run_demo(output: Path) -> dict:
-    import blip2
-
     t0 = time.perf_counter()
     output = Path(output)
     ckpt = build_demo_checkpoint(output)
     photos = _photos(output / "images")
-    model = blip2.load(ckpt)
+    model = load(ckpt)
     gen = dict(max_new_tokens=12, num_beams=3, repetition_penalty=1.5)
     captions = model.caption([str(p) for p in photos], **gen)
     prompted = model.caption([str(p) for p in photos], prompt="a photo of", **gen)
 
     # the same checkpoint through transformers' own classes
-    from transformers import Blip2ForConditionalGeneration
-
     hf = Blip2ForConditionalGeneration.from_pretrained(ckpt).eval()
     px = model.processor.images([str(p) for p in photos])
     ours = model.generate(px, **gen)

@@ -1,4 +1,5 @@
-"""Benchmark evaluation (SPEC §8-9): annotation readers, task runners, multiple-choice ranking, result files.
+"""Benchmark evaluation (BLIP-2 paper §4; docs/architecture.md §2): annotation readers, task runners,
+multiple-choice ranking, result files.
 
     report = evaluate("vqa", model, ["questions.json", "annotations.json"], "images/", output="runs/eval/vqa")
 
@@ -28,17 +29,20 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist, metrics
+from .retrieval import score_matrix
 
 TASKS = ("caption", "vqa", "retrieval", "choice")
 VQA_TEMPLATE = "Question: {} Short answer:"
 
 
 def generation_defaults(task: str, is_encoder_decoder: bool) -> dict:
-    """SPEC §8: captions 5 beams, 30 max / 8 min new tokens; VQA 5 beams, 10 max / 1 min, length penalty -1 for
-    encoder-decoder LLMs (Flan-T5) and 0 for decoder-only ones (OPT)."""
+    """As LAVIS's eval configs (lavis/projects/blip2/eval/*.yaml): captions 5 beams, 30 max / 8 min new tokens;
+    VQA 5 beams, 10 max / 1 min, length penalty -1 for encoder-decoder LLMs (Flan-T5) and 0 for decoder-only ones
+    (OPT)."""
     if task == "caption":
         return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
     if task == "vqa":
@@ -234,8 +238,6 @@ def _pixels(model, images) -> torch.Tensor:
 
 def _opens(path: str) -> bool:
     """True when `path` is a file that PIL recognises as an image (reads the header only)."""
-    from PIL import Image
-
     try:
         with Image.open(path):
             return True
@@ -493,8 +495,6 @@ def _retrieval(model, items, opts):
             chunk = ok[s:s + bs]
             yield (proc.images([it["image"] for it in chunk]) if b % world == rank
                    else torch.empty(len(chunk), 3, size, size))
-
-    from .retrieval import score_matrix
 
     i2t, t2i = score_matrix(model, batches, enc["input_ids"], enc["attention_mask"], k=opts["k"], batch_size=bs,
                             progress=opts["progress"])

@@ -36,6 +36,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = ["GenerationConfig", "generate", "decode"]
 
@@ -194,8 +197,6 @@ def _new_dynamic_cache(lm):
     """An empty cache laid out like the one transformers' generate makes (`DynamicCache(config=...)`: layer
     types, e.g. sliding windows, come from the config). Built once per model and copied: building it
     deep-copies encoder-decoder configs, which costs more than a short generation step."""
-    from transformers import DynamicCache
-
     config, empty = _EMPTY_CACHES.get(lm, (None, None))
     if config is not lm.config:
         config, empty = lm.config, DynamicCache(config=lm.config.get_text_config(decoder=True))
@@ -285,9 +286,6 @@ class _Seq2SeqRunner:
     """Encoder-decoder LM: encode once on B rows, expand the encoder states, decode from the start token."""
 
     def __init__(self, lm, embeds, mask, expand: int, start_id: int):
-        from transformers import EncoderDecoderCache
-        from transformers.modeling_outputs import BaseModelOutput
-
         params = _forward_params(lm)
         self.lm, self.expand = lm, expand
         hidden = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
@@ -336,8 +334,6 @@ def _cross_attention_mask(lm, hidden: torch.Tensor, mask: torch.Tensor | None):
     it once with the model's own function (which passes a 4D mask through unchanged). Other models: 2D mask."""
     if mask is None or getattr(lm.config, "model_type", None) != "t5":
         return mask
-    from transformers.masking_utils import create_bidirectional_mask
-
     query = hidden.new_empty(hidden.shape[0], 1, hidden.shape[2])  # only its shape / dtype / device are read
     mask4d = create_bidirectional_mask(config=lm.get_decoder().config, inputs_embeds=query, attention_mask=mask,
                                        encoder_hidden_states=hidden)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import INDEX_FILES, WEIGHT_FILES, CheckpointError, read_config
+import torch
+from safetensors import safe_open
+
+from .checkpoint import INDEX_FILES, WEIGHT_FILES, CheckpointError, find_checkpoint, read_config
 
 # transformers key prefix -> part name
 _PARTS = [("vision_model.", "vision encoder"), ("qformer.", "q-former"), ("query_tokens", "q-former"),
@@ -29,8 +32,6 @@ def _headers(d: Path) -> dict[str, tuple[list[int], str]]:
         if not f.is_file():
             raise CheckpointError(f"{d}: shard {f.name} is missing")
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
             try:
                 with safe_open(str(f), framework="pt") as h:
                     for k in h.keys():
@@ -39,15 +40,18 @@ def _headers(d: Path) -> dict[str, tuple[list[int], str]]:
             except Exception as e:
                 raise CheckpointError(f"weight file {f} is corrupt or truncated ({e})") from None
         else:
-            import torch
-
             for k, v in torch.load(str(f), map_location="cpu", weights_only=True, mmap=True).items():
                 out[k] = (list(v.shape), str(v.dtype).replace("torch.", ""))
     return out
 
 
 def describe(directory: str | Path) -> dict:
-    d = Path(directory)
+    """{"architecture", "dtype", "parameters": {part: count}, "details"} of a checkpoint in any form
+    `find_checkpoint` accepts except a LAVIS file (which holds no architecture)."""
+    d = find_checkpoint(directory)
+    if d.suffix in (".pth", ".pt"):
+        raise CheckpointError(f"{d}: a LAVIS file holds no architecture; `blip2 info` reads transformers-format "
+                              f"directories (load it with blip2.load(path, config=...) and save_pretrained)")
     cfg = read_config(d)
     counts: dict[str, int] = {}
     dtypes = set()

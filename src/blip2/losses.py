@@ -1,4 +1,4 @@
-"""Stage-1 losses (SPEC §3): image-text contrastive (ITC), hard-negative mining for matching (ITM), and
+"""Stage-1 losses (BLIP-2 paper §3.2): image-text contrastive (ITC), hard-negative mining for matching (ITM), and
 image-grounded text generation (ITG). Pure functions of features and logits; the cross-process gather lives
 here (through blip2.dist) so that N processes give the losses and gradients of one process with the global
 batch.

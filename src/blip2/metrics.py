@@ -1,5 +1,6 @@
-"""Evaluation metrics (SPEC §9), one section per task; every function takes plain tensors / arrays / lists and
-returns a dict of named numbers, so the evaluation scripts only collect predictions and call these.
+"""Evaluation metrics (the protocols of the BLIP-2 paper §4, listed in docs/architecture.md §2), one section per
+task; every function takes plain tensors / arrays / lists and returns a dict of named numbers, so the evaluation
+scripts only collect predictions and call these.
 
 - Retrieval: `recall_at_k` (image->text and text->image R@K, the COCO / Flickr30k protocol as LAVIS reports it).
 - Captioning: `caption_scores` (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D with the COCO caption toolkit, which needs
@@ -117,7 +118,7 @@ def _java_on_path(java: str):
 
 
 def _coco_toolkit():
-    try:
+    try:  # deferred: the COCO caption toolkit is optional (scripts/setup.sh installs it with --no-deps)
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.meteor.meteor import Meteor
@@ -150,7 +151,8 @@ def caption_scores(predictions: Mapping[Hashable, str],
 
     Computed by the COCO caption toolkit's own scorers (pycocoevalcap), called one by one as its `COCOEvalCap`
     calls them: PTB tokenisation (lower case, punctuation removed) of references and predictions, then BLEU
-    (closest reference length), METEOR 1.5, ROUGE-L and CIDEr-D (whose IDF comes from these references, SPEC §9).
+    (closest reference length), METEOR 1.5, ROUGE-L and CIDEr-D (whose IDF comes from these references, as the
+    toolkit computes it).
     SPICE is never run (it downloads models): it is reported as None, see SPICE_NOTE.
 
     Returns {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE": None} on the

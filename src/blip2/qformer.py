@@ -1,4 +1,5 @@
-"""The Q-Former: learned queries and text in one BERT-shaped transformer (SPEC §1-2).
+"""The Q-Former: learned queries and text in one BERT-shaped transformer (BLIP-2 paper §3.1-3.2; LAVIS
+blip2_models/Qformer.py).
 
 The input sequence is [queries ; text]. One set of self-attention weights serves both; which position sees which
 is decided by one of three masks (`itc_mask`, `itm_mask`, `itg_mask`). Every `cross_attention_frequency` layers

@@ -1,4 +1,5 @@
-"""Image-text retrieval over a whole gallery: ITC similarity, then ITM re-ranking of the top k (SPEC §9).
+"""Image-text retrieval over a whole gallery: ITC similarity, then ITM re-ranking of the top k (BLIP-2 paper
+§4.4; LAVIS blip2_qformer.py: compute_sim_matrix).
 
     i2t, t2i = score_matrix(model, images, input_ids, attention_mask, k=128)
     blip2.metrics.recall_at_k(i2t, t2i, img2txt, txt2img)
@@ -102,7 +103,7 @@ class _Images:
 
 # ------------------------------------------------------------------------------------------ model parts
 def _cast(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    # the Q-Former stays fp32 in an fp16 model (SPEC §8) while the heads follow the model dtype
+    # the Q-Former stays fp32 in an fp16 model (as in transformers) while the heads follow the model dtype
     return x.to(layer.weight.dtype)
 
 

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import AutoModel
 
 from .config import VisionConfig
+from .convert_lavis import ours_to_lavis
 from .vision import build_vision
 
 
@@ -75,8 +77,6 @@ class ImageTextAligner(nn.Module):
     def __init__(self, vision: VisionConfig, text_dir: str | Path, text_trainable: bool = False,
                  text_layers: int | None = None):
         super().__init__()
-        from transformers import AutoModel
-
         self.cfg = Stage0Config(vision)
         self.vision = build_vision(vision)
         try:
@@ -214,8 +214,6 @@ class TagPretrainer(nn.Module):
 def export_encoder(model: nn.Module, out_dir: str | Path) -> Path:
     """Write `model.vision` as `vit.pth` (eva_vit_g.pth layout, what `model.vit_path` reads) and its config as
     `vision_config.json`; atomically. Returns the .pth path."""
-    from .convert_lavis import ours_to_lavis
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {f"vision.{k}": v.detach().float().cpu().contiguous() for k, v in model.vision.state_dict().items()}

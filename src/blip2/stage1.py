@@ -1,11 +1,13 @@
-"""Stage 1: Q-Former representation learning with the image encoder frozen (SPEC §3).
+"""Stage 1: Q-Former representation learning with the image encoder frozen (BLIP-2 paper §3.2;
+LAVIS blip2_qformer.py: Blip2Qformer.forward).
 
 `stage1_losses` is the whole objective: one queries-only pass (whose keys/values ITG reuses), one text-only
 pass (ITC), one bidirectional pass over 3B (text, image) pairs (ITM with hard negatives from the global batch),
-one causal text pass (ITG). It returns the named losses; `Blip2Model.losses` calls it.
+one causal text pass (ITG). It returns the named losses; `Blip2Model.losses` calls it. It takes the model as an
+argument and never imports it.
 
-`from_bert` builds a stage-1 model whose Q-Former starts from a BERT-family checkpoint directory, with the BERT
-tokenizer and `[DEC]` added.
+`stage1_config` is a stage-1 model's config; `blip2.from_bert` (blip2/api.py) builds the model from a
+BERT-family checkpoint directory with it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import dist, losses
-from .config import Blip2Config, VisionConfig
+from .config import Blip2Config, QFormerConfig, VisionConfig
+from .convert_bert import qformer_config_from_bert
 
 
 def decoder_token_id(model) -> int:
@@ -92,9 +95,6 @@ def stage1_config(vision: VisionConfig, bert_dir: str | Path | None = None, voca
                   num_query_tokens: int = 32, cross_attention_frequency: int = 2,
                   image_text_hidden_size: int = 256, **qformer) -> Blip2Config:
     """A stage-1 model config; the Q-Former takes the BERT checkpoint's shape when `bert_dir` is given."""
-    from .config import QFormerConfig
-    from .convert_bert import qformer_config_from_bert
-
     q = dict(num_query_tokens=num_query_tokens, cross_attention_frequency=cross_attention_frequency,
              encoder_hidden_size=vision.hidden_size, use_text=True, lm_head=True, **qformer)
     if vocab_size is not None:
@@ -102,24 +102,3 @@ def stage1_config(vision: VisionConfig, bert_dir: str | Path | None = None, voca
     qcfg = qformer_config_from_bert(bert_dir, **q) if bert_dir is not None else QFormerConfig(**q)
     return Blip2Config(architecture="blip2-retrieval", vision=vision, qformer=qcfg, llm=None,
                        image_text_hidden_size=image_text_hidden_size, stage1_heads=True)
-
-
-def from_bert(bert_dir: str | Path, vision: VisionConfig | None = None, image_size: int | None = None, **kw):
-    """A stage-1 model initialised from a BERT-family checkpoint directory (weights + tokenizer, [DEC] added).
-    Returns the model with a Processor attached (its tokenizer is the BERT tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from .convert_bert import init_qformer_from_bert
-    from .model import Blip2Model
-    from .processing import ImageProcessor, Processor
-
-    vision = vision or VisionConfig()
-    tok = AutoTokenizer.from_pretrained(str(bert_dir))
-    if tok.bos_token != "[DEC]":
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-    cfg = stage1_config(vision, bert_dir, vocab_size=len(tok), **kw)
-    cfg.qformer.bos_token_id = tok.bos_token_id
-    model = Blip2Model(cfg)
-    init_qformer_from_bert(model.qformer, bert_dir)
-    model.processor = Processor(ImageProcessor(image_size=image_size or vision.image_size), tok, padding_side="right")
-    return model

@@ -1,10 +1,10 @@
 """The frozen image encoder: an EVA/CLIP-style pre-LayerNorm ViT (EVA ViT-g/14 by default), any timm ViT, or a
 small convolutional tower (`ConvTower`, for small pictures and small data, where a ViT learns too slowly).
 
-EVA ViT-g as BLIP-2 uses it (SPEC §1): patch 14, width 1408, 16 heads, exact GELU, pre-LN (eps 1e-6), learned
-absolute position embedding + CLS token, q and v biases (no k bias), no layer-scale, no final norm, the first
-39 of 40 blocks. Position embeddings are interpolated bicubically when the image size differs from the one
-the table was trained for (224 -> 364 gives 677 tokens).
+EVA ViT-g as BLIP-2 uses it (LAVIS eva_vit.py: create_eva_vit_g): patch 14, width 1408, 16 heads, exact GELU,
+pre-LN (eps 1e-6), learned absolute position embedding + CLS token, q and v biases (no k bias), no layer-scale,
+no final norm, the first 39 of 40 blocks. Position embeddings are interpolated bicubically when the image size
+differs from the one the table was trained for (224 -> 364 gives 677 tokens).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class TimmViT(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        try:
+        try:  # deferred: timm is the optional `timm` extra
             import timm
         except Exception as e:  # timm also needs torchvision
             raise ImportError(f"vision.kind='timm' needs the timm package (pip install 'blip2[timm]'): {e}") from None

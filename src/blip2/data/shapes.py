@@ -16,7 +16,7 @@ Held-out split: a scene's graph (`scene_key`: objects with their attributes + pa
 no exact positions) is hashed to a bucket; bucket 0 -> val, 1 -> test, 2-9 -> train. A val or test scene's graph
 therefore never occurs in training (not even moved to other cells), in any world written with any settings.
 Task families are also split: `held_in` tasks are trained, `held_out` tasks are only evaluated (InstructBLIP's
-zero-shot protocol, SPEC §5).
+zero-shot protocol of the InstructBLIP paper).
 
 `write_world` writes it all in the training formats (blip2.train.data): PNG images, JSON annotation lists,
 webdataset shards of the training captions, and a `world.json` manifest.
@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from ..train.data import write_shards
+from ..train.templates import CAPTION_TEMPLATES, VQA_TEMPLATES
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 70), "blue": (45, 85, 225), "yellow": (240, 205, 35),
@@ -173,8 +177,6 @@ def scene_split(key: str) -> str:
 
 def render(scene: Scene, size: int = 64):
     """The scene as an RGB PIL image of size x size pixels (drawn at 4x, downsampled with Lanczos)."""
-    from PIL import Image, ImageDraw
-
     if not 32 <= size <= 1024:
         raise ValueError(f"image size must be in [32, 1024] pixels (64-96 is the intended range), got {size}")
     side = size * _SUPERSAMPLE
@@ -402,9 +404,6 @@ def write_world(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_te
     files (tar headers carry the write time, their members are identical). A finished world is marked by
     `.complete`: calling again with the same arguments returns at once, with other arguments raises.
     """
-    from ..train.data import write_shards
-    from ..train.templates import CAPTION_TEMPLATES, VQA_TEMPLATES
-
     counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     if min(counts.values()) < 0 or int(seed) < 0 or int(per_shard) <= 0:
         raise ValueError(f"counts and seed must be >= 0 and per_shard > 0, got {counts}, seed={seed}, "
@@ -471,8 +470,6 @@ def write_world(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_te
                                          if (yes := [r["answer"] for r in v if r["answer_type"] == "yes/no"])}}
 
     def shard_samples():  # one sample per training image; its text is one of its captions, all are in the json
-        from PIL import Image
-
         for c in json.loads((root / files["captions_train"]).read_text()):
             text = _pick(np.random.default_rng([int(seed), 0, c["image_id"], 2]), c["caption"])
             with Image.open(root / c["image"]) as img:

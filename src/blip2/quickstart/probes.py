@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..api import load
 from ..data.shapes import COLOURS, SHAPES, Scene
-from .report import _table, pct
+from .tables import pct, table
 
 LABELS = ("colours", "shapes", "pairs", "count")
 MULTILABEL = {"colours": True, "shapes": True, "pairs": True, "count": False}
@@ -239,8 +240,6 @@ def _representations(paths: list[str], models: dict, instruction: str, device: s
                      progress: bool) -> dict[str, torch.Tensor]:
     """{representation: [N, F] fp32 CPU features of `paths`}: pixels and encoder from the first model, then the
     queries of each model, loaded one at a time (fp32) and released after use."""
-    from .. import load
-
     feats: dict[str, torch.Tensor] = {}
     pixels: dict[str, torch.Tensor] = {}  # image processor settings -> pixel values; models usually share one
     for i, (name, path) in enumerate(models.items()):
@@ -295,4 +294,4 @@ def probe_table(report: dict) -> list[str]:
     labels = report["labels"]
     body = [["chance (majority set)"] + [pct(report["chance"].get(k)) for k in labels]]
     body += [[rep] + [pct(row.get(k)) for k in labels] for rep, row in report["rows"].items()]
-    return _table(["representation"] + labels, body)
+    return table(["representation"] + labels, body)

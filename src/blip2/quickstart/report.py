@@ -3,8 +3,9 @@ gallery.
 
 Everything here renders a plain dict (the caller builds it, blip2.quickstart.summary the numbers); any value may
 be None when its step did not run, and is shown as "n/a". A value with a 95 % interval (a sibling "ci" dict,
-{key: [lo, hi]}) is shown as "35.8 [29.1, 42.0]". The probes section is probes.probe_table's. matplotlib is imported only by the plotting functions, and draws with Agg through its
-object API (no pyplot, so no global backend state). Every file is written to a temporary name in its directory
+{key: [lo, hi]}) is shown as "35.8 [29.1, 42.0]"; number formats and tables come from `tables.py`. The probes
+section is probes.probe_table's. matplotlib (an optional extra) is imported only by the plotting functions, and
+draws with Agg through its object API (no pyplot, so no global backend state). Every file is written to a temporary name in its directory
 and moved into place, so an interrupted run never leaves a half-written report.
 """
 
@@ -19,7 +20,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-NA = "n/a"
+import numpy as np
+from PIL import Image
+
+from .probes import probe_table
+from .tables import NA, finite, pct, score, table
+
 GREEN, RED, INK = "#1b7a2e", "#b3261e", "#222222"
 _RETRIEVAL = [("t2i_r1_scene", "text->image R@1 (scene match)"), ("t2i_r1_exact", "text->image R@1 (exact text)"),
               ("t2i_r5", "text->image R@5"), ("i2t_r1", "image->text R@1")]
@@ -28,22 +34,8 @@ _CAPTION = [("attribute_accuracy", "attribute acc. (%)", "pct"), ("exact_scene",
 
 
 # ------------------------------------------------------------------------------------------------- numbers
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def pct(v) -> str:
-    """A 0-100 percentage with one decimal; None / NaN -> "n/a"."""
-    return f"{v:.1f}" if _finite(v) else NA
-
-
-def score(v) -> str:
-    """A CIDEr / BLEU-like score with three decimals; None / NaN -> "n/a"."""
-    return f"{v:.3f}" if _finite(v) else NA
-
-
 def _int(v) -> str:
-    return str(int(v)) if _finite(v) else NA
+    return str(int(v)) if finite(v) else NA
 
 
 _FORMATS: dict[str, Callable] = {"pct": pct, "score": score, "int": _int}
@@ -59,8 +51,8 @@ def _measured(target: dict) -> str:
     """A target's measured value, with "%" when its target is stated in percent."""
     v = target.get("measured")
     if "%" in str(target.get("target") or ""):
-        return pct(v) + ("%" if _finite(v) else "")
-    return score(v) if _finite(v) and not float(v).is_integer() else _int(v)
+        return pct(v) + ("%" if finite(v) else "")
+    return score(v) if finite(v) and not float(v).is_integer() else _int(v)
 
 
 def _met(v, yes: str, no: str) -> str:
@@ -72,17 +64,12 @@ def _cell(v) -> str:
     return NA if v is None else " ".join(str(v).split()).replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
-
-
 # ------------------------------------------------------------------------------------------------ markdown
 def _targets(report: dict) -> list[str]:
     targets = report.get("targets") or []
     if not targets:
         return ["No targets were evaluated.", ""]
-    return _table(["name", "target", "measured", "met"],
+    return table(["name", "target", "measured", "met"],
                   [[_cell(t.get("name")), _cell(t.get("target")), _measured(t), _met(t.get("met"), "met", "**missed**")]
                    for t in targets])
 
@@ -92,14 +79,14 @@ def _retrieval(r: dict | None) -> list[str]:
         return [f"Not run ({NA}).", ""]
     head = [f"Model `{_cell(r.get('model'))}`, {_int(r.get('texts'))} texts against {_int(r.get('images'))} "
             "images.", ""]
-    return head + _table(["metric", "%"], [[label, pct(r.get(k))] for k, label in _RETRIEVAL])
+    return head + table(["metric", "%"], [[label, pct(r.get(k))] for k, label in _RETRIEVAL])
 
 
 def pct_ci(v, ci=None) -> str:
     """A percentage with its interval: "35.8 [29.1, 42.0]"; without an interval just "35.8"."""
-    if not _finite(v):
+    if not finite(v):
         return NA
-    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_finite(x) for x in ci)
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(x) for x in ci)
     return f"{pct(v)} [{pct(ci[0])}, {pct(ci[1])}]" if ok else pct(v)
 
 
@@ -113,7 +100,7 @@ def _caption(c: dict | None) -> list[str]:
         ci = v.get("ci") or {}
         rows.append([name] + [pct_ci(v.get(k), ci.get(k)) if f == "pct" else _FORMATS[f](v.get(k))
                               for k, _, f in _CAPTION] + [pct(v.get("top_caption_share"))])
-    return _table(["model"] + [label for _, label, _ in _CAPTION] + ["most frequent caption (% of pictures)"], rows)
+    return table(["model"] + [label for _, label, _ in _CAPTION] + ["most frequent caption (% of pictures)"], rows)
 
 
 _VQA_META = ("mean", "ci", "n")  # keys of a split's dict that are not question families
@@ -139,7 +126,7 @@ def _vqa(q: dict | None) -> list[str]:
         means.append(f"- held-out gain over stage 2: {pct_ci(gain.get('mean'), (gain.get('ci') or {}).get('mean'))} "
                      "points (paired bootstrap over the same questions)")
     head = ["family", "split", f"{_cell(name)} (%)", "stage-2 zero-shot (%)", "gain (points)", "chance (%)"]
-    return (_table(head, rows) + means
+    return (table(head, rows) + means
             + ["", "95 % bootstrap intervals in brackets (2000 resamples of the questions; a split's mean resamples "
                    "within each family). Chance: 50 % for yes/no families, the most frequent answer's share for "
                    "relation.", ""])
@@ -148,7 +135,7 @@ def _vqa(q: dict | None) -> list[str]:
 def _diff(p: dict | None) -> list[str]:
     p = p or {}
     d, ci = p.get("diff"), p.get("ci")
-    if not _finite(d):
+    if not finite(d):
         return [NA, NA]
     text = pct_ci(d, ci) if ci else (score(d) if not float(d).is_integer() else _int(d))
     return [text, _cell(p.get("verdict")) if p.get("verdict") else "no per-item scores"]
@@ -160,7 +147,7 @@ def _ablations(abl: dict | None) -> list[str]:
         return [_cell(abl.get("note") or "Not run."), ""]
     secs = abl.get("seconds")
     out = [f"Ablation steps (training and evaluation): {secs / 60:.1f} min, not counted in the main pipeline's time."
-           if _finite(secs) else "", ""]
+           if finite(secs) else "", ""]
     for name, a in (abl.get("studies") or {}).items():
         a = a or {}
         cols, paired = list(a.get("columns") or []), a.get("paired") or {}
@@ -172,38 +159,38 @@ def _ablations(abl: dict | None) -> list[str]:
             rows.append([_cell(metric)] + [fmt(values[i] if i < len(values) else None) for i in range(len(cols))]
                         + _diff(paired.get(metric)))
         diff = f"difference ({_cell(a.get('difference') or 'first minus second')})"
-        out += _table(["metric"] + [_cell(c) for c in cols] + [diff, "verdict (95 % paired bootstrap)"], rows)
+        out += table(["metric"] + [_cell(c) for c in cols] + [diff, "verdict (95 % paired bootstrap)"], rows)
     return out
 
 
 def _seconds(s) -> str:
-    return f"{s:.1f}" if _finite(s) else NA
+    return f"{s:.1f}" if finite(s) else NA
 
 
 def _timings(report: dict) -> list[str]:
     t = dict(report.get("timings") or {})
     total = t.pop("total", None)
-    if total is None and any(_finite(v) for v in t.values()):
-        total = sum(v for v in t.values() if _finite(v))
+    if total is None and any(finite(v) for v in t.values()):
+        total = sum(v for v in t.values() if finite(v))
     detail = report.get("timings_detail") or {}
     abl = report.get("ablations") or {}
     out = [_wall_line(report), ""]
 
     def share(step, s, of):
         d = (detail.get(step) or {}).get("share")
-        d = d if _finite(d) else (100 * s / of if _finite(s) and _finite(of) and of else None)
+        d = d if finite(d) else (100 * s / of if finite(s) and finite(of) and of else None)
         return pct(d)
 
-    def table(steps: dict, tot, label: str) -> list[str]:
-        rows = [[_cell(k), _seconds(v), f"{v / 60:.1f}" if _finite(v) else NA, share(k, v, tot)]
+    def timing_table(steps: dict, tot, label: str) -> list[str]:
+        rows = [[_cell(k), _seconds(v), f"{v / 60:.1f}" if finite(v) else NA, share(k, v, tot)]
                 for k, v in steps.items()]
-        rows.append([f"**{label}**", _seconds(tot), f"{tot / 60:.1f}" if _finite(tot) else NA,
-                     "100.0" if _finite(tot) else NA])
-        return _table(["step", "seconds", "minutes", "share (%)"], rows)
+        rows.append([f"**{label}**", _seconds(tot), f"{tot / 60:.1f}" if finite(tot) else NA,
+                     "100.0" if finite(tot) else NA])
+        return table(["step", "seconds", "minutes", "share (%)"], rows)
 
-    out += table(t, total, "total")
+    out += timing_table(t, total, "total")
     if abl.get("run") and abl.get("timings"):
-        out += ["Ablations:", ""] + table(abl["timings"], abl.get("seconds"), "ablations")
+        out += ["Ablations:", ""] + timing_table(abl["timings"], abl.get("seconds"), "ablations")
     train = {k: d for k, d in detail.items() if isinstance(d, dict) and "optimizer_steps" in d}
     if train:
         rows = [[_cell(k), _int(d.get("optimizer_steps")), _int(d.get("batch_size")), _int(d.get("samples")),
@@ -211,7 +198,7 @@ def _timings(report: dict) -> list[str]:
                 for k, d in train.items()]
         out += ["Training steps (s/step: the mean logged optimizer-step time; overhead: the rest of the step, i.e. "
                 "loading, feature caching, checkpoints):", ""]
-        out += _table(["training", "optimizer steps", "batch", "samples", "s/step", "optimizer s", "overhead s"],
+        out += table(["training", "optimizer steps", "batch", "samples", "s/step", "optimizer s", "overhead s"],
                       rows)
     return out
 
@@ -224,15 +211,13 @@ def _machine(m: dict | None) -> str:
 
 def _wall_line(report: dict) -> str:
     total = (report.get("timings") or {}).get("total")
-    main = f"{total / 60:.1f} min" if _finite(total) else NA
+    main = f"{total / 60:.1f} min" if finite(total) else NA
     return f"Main pipeline: {main} of steps; machine: {_machine(report.get('machine'))}."
 
 
 def _probes(p: dict | None) -> list[str]:
     if not p:
         return [f"Not run ({NA}).", ""]
-    from .probes import probe_table  # probes.py renders its own table (and imports this module: no top import)
-
     head = [f"Linear probes trained on {_int(p.get('n_train'))} training scenes, scored on {_int(p.get('n_test'))} "
             "held-out scenes (accuracy, %; exact-set accuracy for the multi-label sets).", ""]
     return head + list(probe_table(p))
@@ -244,7 +229,7 @@ def _validation(v: dict | None) -> list[str]:
     out = []
     for run, rows in v.items():
         last = rows[-1] if rows else {}
-        metrics = ", ".join(f"{k} {score(x)}" for k, x in last.items() if k != "step" and _finite(x))
+        metrics = ", ".join(f"{k} {score(x)}" for k, x in last.items() if k != "step" and finite(x))
         out.append(f"- {_cell(run)}: {len(rows)} validations, last (step {_int(last.get('step'))}): {metrics or NA}")
     return out + [""]
 
@@ -294,9 +279,9 @@ def summary_lines(report: dict) -> list[str]:
     met = sum(1 for t in report.get("targets") or [] if t.get("met"))
     lines.insert(0, f"quickstart ({report.get('mode')}): {met}/{len(report.get('targets') or [])} targets met")
     total = (report.get("timings") or {}).get("total")
-    lines.append(f"total time: {total / 60:.1f} min" if _finite(total) else f"total time: {NA}")
+    lines.append(f"total time: {total / 60:.1f} min" if finite(total) else f"total time: {NA}")
     abl = report.get("ablations") or {}
-    if abl.get("run") and _finite(abl.get("seconds")):
+    if abl.get("run") and finite(abl.get("seconds")):
         lines.append(f"ablations: {abl['seconds'] / 60:.1f} min more")
     elif abl.get("note"):
         lines.append(f"ablations: {abl['note']}")
@@ -344,6 +329,7 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------------ pictures
 def _figure(width: float, height: float):
+    # deferred: matplotlib is an optional extra (train / test)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -361,10 +347,10 @@ def _curves(rows: list[dict], keep: Callable[[str], bool]) -> dict[str, tuple[li
     """{key: (steps, values)} of every finite value of the rows' keys that `keep` accepts."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for row in rows:
-        if not isinstance(row, dict) or not _finite(row.get("step")):
+        if not isinstance(row, dict) or not finite(row.get("step")):
             continue
         for k, v in row.items():
-            if k != "step" and keep(k) and _finite(v):
+            if k != "step" and keep(k) and finite(v):
                 xs, ys = curves.setdefault(k, ([], []))
                 xs.append(row["step"])
                 ys.append(float(v))
@@ -448,9 +434,6 @@ def _tile_lines(item: dict, width: int) -> list[tuple[str, str, str]]:
 
 def _picture(path, side: int):
     """The image upscaled with nearest neighbour to `side` px (a 64 px image stays sharp), or None if unreadable."""
-    import numpy as np
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB").resize((side, side), Image.NEAREST))

@@ -1,12 +1,14 @@
 """`blip2 quickstart`: stage 0 -> stage 1 -> stage 2 -> instruction tuning -> evaluation -> linear probes on the
 shapes world; with `--ablations`, then the two ablation trainings and their evaluations.
 
-Every training step is `blip2 train` on a config of `configs/quickstart/` (its `${...}` names filled in, the
-resolved file kept in OUTPUT/configs/), preceded by `blip2 cache-features` where the encoder is frozen; every
-evaluation is `blip2.evaluation.evaluate`, the function behind `blip2 eval`. A step is done when its marker
-(OUTPUT/<step>/.quickstart.json) holds the fingerprint of its config and of the steps it reads; a rerun skips
-done steps and resumes an interrupted one from its last checkpoint. `--smoke` runs the same path at toy size;
-`--seed N` reseeds every training (the world stays the same). The report's numbers are built in `summary.py`.
+Every training step runs what `blip2 train` runs (`blip2.train.loop.train`) on a config of
+`blip2/configs/quickstart/` (its `${...}` names filled in, the resolved file kept in OUTPUT/configs/), preceded
+by what `blip2 cache-features` runs where the encoder is frozen; every evaluation is `blip2.evaluation.evaluate`,
+the function behind `blip2 eval`. The functions are called directly, not through the command line. A step is
+done when its marker (OUTPUT/<step>/.quickstart.json) holds the fingerprint of its config and of the steps it
+reads; a rerun skips done steps and resumes an interrupted one from its last checkpoint. `--smoke` runs the same
+path at toy size; `--seed N` reseeds every training (the world stays the same). The report's numbers are built in
+`summary.py`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
+from ..api import load
 from ..data import shapes
+from ..evaluation import evaluate
+from ..pretrained import minilm_dir, smollm2_dir
+from ..train.cache_features import cache_features
+from ..train.config import load_run_config, merge, parse_overrides, shipped_configs
+from ..train.loop import train
+from . import summary as S
+from .probes import probe_report
+from .report import plot_gallery, plot_losses, plot_validation, summary_lines, write_report
 
 DEFAULT_OUTPUT = "runs/quickstart"
 SMOKE_OUTPUT = "runs/quickstart-smoke"
@@ -41,7 +53,7 @@ SMOKE_OVERRIDES = {  # same configs, toy size
     "stage2": ["max_steps=3", "save_every=2", "data.batch_size=4", "optim.warmup_steps=1"],
     "instruct": ["max_steps=3", "save_every=2", "data.batch_size=4", "optim.warmup_steps=1"],
 }
-CAPTION_PROMPT = "A short image caption:"  # an instruction template (SPEC §5), for the instruction-tuned models
+CAPTION_PROMPT = "A short image caption:"  # an InstructBLIP template, for the instruction-tuned models
 VQA_TEMPLATE = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt; also an instruction template
 CAPTION_GENERATION = {"num_beams": 1, "max_new_tokens": 32, "min_new_tokens": 1}
 VQA_GENERATION = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 1}
@@ -61,8 +73,6 @@ class QuickstartError(RuntimeError):
 def machine_speed(seconds: float = 1.0, n: int = 1024) -> dict:
     """fp32 matmul throughput of this host (n x n @ n x n repeated for `seconds` after a warm-up), so that wall
     times measured on different machines can be compared."""
-    import torch
-
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
@@ -76,13 +86,8 @@ def machine_speed(seconds: float = 1.0, n: int = 1024) -> dict:
 
 
 def config_dir() -> Path:
-    """configs/quickstart of the source tree (next to src/)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "configs" / "quickstart"
-        if cand.is_dir():
-            return cand
-    raise QuickstartError("configs/quickstart not found next to the package; pass --configs DIR")
+    """The quickstart's step configs: blip2/configs/quickstart, package data of the installed package."""
+    return shipped_configs() / "quickstart"
 
 
 # --------------------------------------------------------------------------------------------- plumbing
@@ -102,6 +107,10 @@ def _done(step_dir: Path, fp: str) -> dict | None:
     return m if m.get("fingerprint") == fp and m.get("done") else None
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -119,9 +128,7 @@ def resolve_config(path: Path, names: dict[str, str], overrides: list[str], out:
         return str(names[m.group(1)])
 
     data = yaml.safe_load(re.sub(r"\$\{(\w+)\}", sub, text))
-    from ..train.config import _merge, parse_overrides
-
-    data = _merge(data, parse_overrides(overrides))
+    data = merge(data, parse_overrides(overrides))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
@@ -198,28 +205,30 @@ class Quickstart:
 
     def _train(self, name: str, title: str, config: str, upstream: list[str], extra: list[str] = (),
                cache: bool = True) -> None:
-        from ..cli import main as cli
-
         resolved = resolve_config(self.configs / f"{config}.yaml", {**self.names, "out": str(self.out)},
                                   self.overrides(config, extra), self.out / "configs" / f"{name}.yaml")
         text = resolved.read_text()
         fp = _fingerprint(text, [self.fps[u] for u in upstream])
 
         def run(step_dir: Path) -> None:
+            # what `blip2 cache-features CONFIG` and `blip2 train CONFIG resume=true` do, called directly
             if cache:
                 print(f"$ blip2 cache-features {resolved}", flush=True)
-                if cli(["cache-features", str(resolved)]) != 0:
-                    raise QuickstartError(f"step {name}: blip2 cache-features failed (see above)")
+                try:
+                    print(cache_features(load_run_config(resolved)))
+                except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+                    raise QuickstartError(f"step {name}: blip2 cache-features failed: {_first_line(e)}") from e
             print(f"$ blip2 train {resolved} resume=true", flush=True)
-            if cli(["train", str(resolved), "resume=true"]) != 0:
-                raise QuickstartError(f"step {name}: blip2 train failed (see above); rerun the quickstart to resume")
+            try:
+                print(json.dumps(train(load_run_config(resolved, ["resume=true"]))))
+            except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+                raise QuickstartError(f"step {name}: blip2 train failed: {_first_line(e)}; rerun the quickstart "
+                                      f"to resume") from e
 
         self._step(name, title, fp, run)
 
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        from ..pretrained import minilm_dir, smollm2_dir
-
         self.out.mkdir(parents=True, exist_ok=True)
         print(f"blip2 quickstart ({self.mode}, seed {self.seed}{', with ablations' if self.ablations else ''}) "
               f"-> {self.out}")
@@ -296,10 +305,7 @@ class Quickstart:
         world = self.names["world"]
 
         def run(step_dir: Path) -> dict:
-            import blip2
-            from ..evaluation import evaluate
-
-            model = blip2.load(self.out / model_step / "model")
+            model = load(self.out / model_step / "model")
             out = {}
             for task, data, kw in tasks:
                 dest = step_dir / task
@@ -336,8 +342,6 @@ class Quickstart:
         models = {"stage 1": self.out / "stage1" / "model", "final": self.out / "instruct" / "model"}
 
         def run(step_dir: Path) -> dict:
-            from .probes import probe_report
-
             return probe_report(Path(self.names["world"]), models, progress=self.progress)
 
         fp = _fingerprint(self.fps["world"], self.fps["stage1"], self.fps["instruct"])
@@ -345,8 +349,6 @@ class Quickstart:
 
     # -------------------------------------------------------------------------------------------- report
     def _gallery(self, res: dict, png: Path) -> None:
-        from .report import plot_gallery
-
         ev = res.get("instruct") or {}
         caps = {p["image"]: p["caption"] for p in json.loads(Path(ev["caption"]["predictions"]).read_text())} \
             if "caption" in ev else {}
@@ -365,8 +367,6 @@ class Quickstart:
 
     def _times(self) -> tuple[dict, dict, dict]:
         """(main-pipeline timings with their "total", the ablations section's time part, timings_detail)."""
-        from . import summary as S
-
         main = {k: self.timings[k] for k in MAIN_STEPS if k in self.timings}
         abl = {k: self.timings[k] for k in ABLATION_STEPS if k in self.timings} if self.ablations else {}
         groups = {**{k: "main" for k in main}, **{k: "ablations" for k in abl}}
@@ -378,8 +378,6 @@ class Quickstart:
 
     def _sections(self, res: dict) -> dict:
         """retrieval, caption, vqa and ablations of the report, from the evaluations' predictions."""
-        from . import summary as S
-
         scenes = self._scenes()
         cap = {k: S.caption_scores(res.get(k), scenes) for k in ("stage2", "stage2-no-stage1", "instruct") if k in res}
         cap_sum = {k: S.caption_summary(res.get(k), v) for k, v in cap.items()}
@@ -398,9 +396,6 @@ class Quickstart:
         return out
 
     def _report(self, res: dict) -> dict:
-        from . import summary as S
-        from .report import plot_losses, plot_validation, summary_lines, write_report
-
         wall = round(time.perf_counter() - self.t0, 1)
         sec = self._sections(res)
         timings, abl_time, detail = self._times()

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..data import shapes
+from ..metrics import exact_match
 from .stats import bootstrap_ci, paired_bootstrap_diff, verdict
 
 SPLITS = (("held_in", tuple(f for f in shapes.HELD_IN if f != "caption")), ("held_out", shapes.HELD_OUT))
@@ -48,8 +49,6 @@ def vqa_scores(ev: dict | None) -> dict[str, dict[int, float]] | None:
     not learnt the short-answer format often goes on after it: "No.\\n\\nThe ...")."""
     if not ev or "vqa" not in ev:
         return None
-    from ..metrics import exact_match
-
     out: dict[str, dict[int, float]] = {}
     for p in json.loads(Path(ev["vqa"]["predictions"]).read_text()):
         answer = p["answer"].strip().split("\n")[0]

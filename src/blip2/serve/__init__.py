@@ -16,7 +16,7 @@ __all__ = ["BackgroundServer", "RequestError", "ServeSettings", "create_app", "s
 
 def __getattr__(name):  # the FastAPI side only when it is used
     if name in ("create_app", "serve", "BackgroundServer"):
-        from . import app
+        from . import app  # deferred: app.py is where the optional `serve` extra (fastapi, uvicorn) is used
 
         return getattr(app, name)
     raise AttributeError(f"module 'blip2.serve' has no attribute {name!r}")

@@ -22,7 +22,9 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from importlib.resources import files
 
+from ..api import __version__, load
 from .batching import Batcher, Job, QueueFull
 from .engine import Engine, RequestError, ServeSettings
 
@@ -90,15 +92,13 @@ class _BodyLimit:
 
 def create_app(model, settings: ServeSettings | None = None):
     """A FastAPI app serving `model` (a blip2 Blip2Model with its processor attached)."""
-    from importlib.resources import files
-
+    # deferred: fastapi, starlette and pydantic (the request schemas) are the optional `serve` extra
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.responses import HTMLResponse, Response, StreamingResponse
 
-    from .. import __version__
     from . import schemas as S
 
     settings = settings or ServeSettings()
@@ -319,11 +319,9 @@ async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str,
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
           dtype=None, device=None, log_level: str = "info") -> None:
     """Load a checkpoint and serve it until interrupted."""
-    import uvicorn
+    import uvicorn  # deferred: the optional `serve` extra
 
-    import blip2
-
-    model = blip2.load(model_dir, dtype=dtype, device=device)
+    model = load(model_dir, dtype=dtype, device=device)
     uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level)
 
 
@@ -331,7 +329,7 @@ class BackgroundServer:
     """Run an app with uvicorn in a background thread on a free loopback port (tests, benchmarks)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
+        import uvicorn  # deferred: the optional `serve` extra
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import GenerationConfig
+from ..qformer_caption import qformer_generate
+from .batching import Job
 
 __all__ = ["Decoding", "Engine", "RequestError", "ServeSettings"]
 
 log = logging.getLogger("blip2.serve")
-CAPTION_INSTRUCTION = "A short image caption:"  # InstructBLIP's captioning instruction (SPEC §5)
+CAPTION_INSTRUCTION = "A short image caption:"  # InstructBLIP's captioning instruction (the paper's templates)
 
 
 @dataclass
@@ -162,8 +164,6 @@ class Engine:
     def generation_job(self, image, text: str | None, decoding: Decoding, max_tokens: int, seed: int | None,
                        stream: bool):
         """(batch key, payload, rows) for a caption / chat request. `text`: the LLM prompt (None or "": caption)."""
-        from .batching import Job
-
         s = self.settings
         if not self.can_caption:
             raise RequestError("this checkpoint cannot generate text (no language model, no Q-Former LM head)")
@@ -188,7 +188,7 @@ class Engine:
             if self.arch == "instructblip":
                 text = text or CAPTION_INSTRUCTION
                 qformer = self._encode(self.proc.tokenize_qformer, text, "instruction", s.max_prompt_tokens,
-                                       max_length=self.qformer_max_len)  # truncated on the left (SPEC §5)
+                                       max_length=self.qformer_max_len)  # truncated on the left, as LAVIS
             if text or self.model.cfg.is_encoder_decoder:  # T5 captions from an empty prompt (its EOS)
                 prompt = self._encode(self.proc.tokenize_prompts, text or "", "prompt", s.max_prompt_tokens)
             if self.context is not None:
@@ -205,8 +205,6 @@ class Engine:
         return Job(key=key, payload=payload, rows=decoding.n)
 
     def itm_job(self, image, texts: list[str]):
-        from .batching import Job
-
         if not self.can_itm:
             raise RequestError("this checkpoint has no image-text matching head (load a retrieval checkpoint)")
         if not 1 <= len(texts) <= self.settings.max_itm_texts:
@@ -248,8 +246,6 @@ class Engine:
         out = None
         try:
             if task == "qformer":
-                from ..qformer_caption import qformer_generate
-
                 out = qformer_generate(m, pixels, min_new_tokens=0, **gen)
             else:
                 ids = mask = q_ids = q_mask = None

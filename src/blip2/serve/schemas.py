@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import Decoding, RequestError, ServeSettings
@@ -121,8 +122,6 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 def load_image(url: str, settings: ServeSettings):
     """A decoded PIL image (EXIF orientation applied) from a data: URL, or from a local file when the server has
     an image root. Remote URLs are never fetched. Refuses images above `max_image_pixels` before decoding them."""
-    from PIL import Image, ImageOps
-
     if url.startswith("data:"):
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
+from ..api import from_bert, load
+from ..checkpoint import read_weights
 from ..config import Blip2Config, VisionConfig
+from ..convert_bert import init_qformer_from_bert
+from ..convert_lavis import load_vit_weights
 from ..model import Blip2Model
 from ..processing import ImageProcessor, Processor
+from ..stage0 import ImageTextAligner, TagPretrainer
+from ..tiny import make_bert_tokenizer, make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer
 from .config import RunConfig, RunConfigError
 
 _ARCH_FOR_STAGE = {"stage1": ("blip2-retrieval",), "stage2": ("blip2", "instructblip"),
@@ -16,8 +24,6 @@ _ARCH_FOR_STAGE = {"stage1": ("blip2-retrieval",), "stage2": ("blip2", "instruct
 
 
 def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -25,8 +31,6 @@ def _tokenizer(path: str):
 
 
 def _tiny_llm_tokenizer(model_type: str, directory: Path):
-    from ..tiny import make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer
-
     make = {"opt": make_gpt2_tokenizer, "llama": make_llama_tokenizer, "t5": make_t5_tokenizer}.get(model_type)
     if make is None:
         raise RunConfigError(f"model.tiny_tokenizers: no tiny tokenizer for LLM type {model_type!r}")
@@ -34,15 +38,11 @@ def _tiny_llm_tokenizer(model_type: str, directory: Path):
 
 
 def _tiny_bert_tokenizer(directory: Path):
-    from ..tiny import make_bert_tokenizer
-
     return _tokenizer(str(make_bert_tokenizer(directory)))
 
 
 def _llm_hf_config(path: str) -> dict:
     """The LLM's config.json as an llm.hf_config dict."""
-    import json
-
     f = Path(path) / "config.json"
     try:
         d = json.loads(f.read_text())
@@ -77,13 +77,9 @@ def _preset_config(cfg: RunConfig) -> Blip2Config:
 
 def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
     """The model to train (with its processor attached), frozen parts frozen, in fp32."""
-    import blip2
-
     m = cfg.model
     tok_dir = Path(work_dir) / "tokenizers"
     if cfg.stage == "stage0":
-        from ..stage0 import ImageTextAligner, TagPretrainer
-
         tok = _tokenizer(m.qformer_tokenizer or m.bert)
         if m.objective == "tags":
             tag_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in m.tags]
@@ -95,11 +91,9 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
                                     tok, padding_side="right")
         return model.float()
     if cfg.stage == "stage1" and m.bert:
-        from ..stage1 import from_bert
-
         model = from_bert(m.bert, vision=VisionConfig(**m.vision), image_size=cfg.data.image_size, **m.qformer)
     elif m.init:
-        model = blip2.load(m.init, config=m.config, vit=m.vit_path)
+        model = load(m.init, config=m.config, vit=m.vit_path)
         if model.processor is None:
             model.processor = _processor_from_paths(cfg, model.cfg, tok_dir)
     else:
@@ -132,14 +126,10 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
     if m.llm_path:
         _load_llm_weights(model, m.llm_path)
     if m.bert and cfg.stage != "stage1":  # the Q-Former straight from BERT (BLIP-2's no-stage-1 ablation)
-        from ..convert_bert import init_qformer_from_bert
-
         init_qformer_from_bert(model.qformer, m.bert)
     for path in ([m.qformer_init] if isinstance(m.qformer_init, str) else m.qformer_init or []):
         _copy_stage1(model, path)
     if m.vit_path and not m.init:  # (a LAVIS init reads vit_path itself)
-        from ..convert_lavis import load_vit_weights
-
         load_vit_weights(model, m.vit_path)
     allowed = _ARCH_FOR_STAGE[cfg.stage]
     if model.cfg.architecture not in allowed:
@@ -186,9 +176,7 @@ def _copy_stage1(model: Blip2Model, path: str) -> None:
     """Stage 2 starts from stage 1: copy the image encoder, ln_vision, the queries and the Q-Former weights that
     the target has (BLIP-2 drops the text side; InstructBLIP keeps it), and the LLM projection when the source
     has one of the same shape (instruction tuning from a stage-2 result)."""
-    import blip2
-
-    src = blip2.load(path).state_dict()
+    src = load(path).state_dict()
     own = model.state_dict()
     parts = ("vision.", "ln_vision.", "qformer.", "query_tokens", "language_projection.")
     copied = 0
@@ -206,8 +194,6 @@ def _copy_stage1(model: Blip2Model, path: str) -> None:
 
 def _load_llm_weights(model: Blip2Model, path: str) -> None:
     """Pretrained LLM weights from a transformers directory (its own keys, no `language_model.` prefix)."""
-    from ..checkpoint import read_weights
-
     state = read_weights(path)
     missing, unexpected = model.llm.load_state_dict(state, strict=False)
     tied = {n for n, _ in model.llm.named_parameters(remove_duplicate=False)} - {n for n, _ in model.llm.named_parameters()}

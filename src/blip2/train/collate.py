@@ -12,7 +12,7 @@ of the model call for that stage, plus "skipped":
 
 Text layouts (all int64, right padded; labels -100 where no loss):
   stage1, BERT (Q-Former tokenizer): [CLS] caption [SEP], max 32 tokens.
-  stage2, decoder-only (OPT, Llama): [BOS] prompt caption END, END = "\n" for OPT (SPEC §4), EOS otherwise.
+  stage2, decoder-only (OPT, Llama): [BOS] prompt caption END, END = "\n" for OPT (LAVIS Blip2OPT), EOS otherwise.
       labels = input_ids with BOS + prompt and padding at -100, aligned with input_ids (the model makes the
       last visual position predict the first text token).
   stage2, encoder-decoder (T5): prefix LM. The caption's words are split after word k, k uniform in

@@ -1,11 +1,13 @@
 """Run configs: YAML files validated into dataclasses, `key=value` overrides, the resolved config saved.
 
-An unknown or ill-typed key is an error that names the key (dotted) and the allowed keys.
+An unknown or ill-typed key is an error that names the key (dotted) and the allowed keys. The configs that ship
+with the package (tiny/, quickstart/, the paper-scale ones) are package data: `shipped_configs()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,16 @@ STAGES = ("stage0", "stage1", "stage2", "instruct")
 
 class RunConfigError(ValueError):
     pass
+
+
+def shipped_configs() -> Path:
+    """The directory of the run configs inside the installed package (blip2/configs), found through
+    importlib.resources: the same in a source checkout and in an installed wheel."""
+    root = importlib.resources.files("blip2").joinpath("configs")
+    path = Path(str(root))
+    if not path.is_dir():  # e.g. a zipped install: no directory to hand to the file-based code
+        raise RunConfigError(f"the package's run configs are not a directory on disk ({root}); pass a config path")
+    return path
 
 
 @dataclass
@@ -232,10 +244,11 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """`over` laid onto `base`, section by section (nested dicts merge, other values replace)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -249,7 +262,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise RunConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = merge(data, parse_overrides(list(overrides)))
     return _build(RunConfig, data, "")
 
 

@@ -21,6 +21,7 @@ not use persistent_workers=True (the workers would keep the old epoch).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from .. import dist
@@ -236,10 +238,7 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, per_shard: int, p
     optional "key" (default: 9-digit running number, as img2dataset) and "json" (dict; default {"key", "caption"}).
     Returns the shard paths in order.
     """
-    import io
-
-    import webdataset as wds
-    from PIL import Image
+    import webdataset as wds  # deferred: webdataset is the optional `train` extra
 
     if per_shard <= 0:
         raise ValueError(f"per_shard must be positive, got {per_shard}")
@@ -280,7 +279,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, urls: str | Sequence[str], seed: int = 0, rank: int | None = None, world: int | None = None,
                  shuffle: bool = True, shuffle_buffer: int = 0, clean: bool = True, max_words: int = 50):
-        import braceexpand
+        import braceexpand  # deferred: comes with webdataset, the optional `train` extra
 
         if isinstance(urls, str):
             urls = list(braceexpand.braceexpand(urls))  # "data/shard-{000000..000009}.tar"
@@ -324,7 +323,7 @@ class ShardDataset(IterableDataset):
         }
 
     def __iter__(self) -> Iterator[dict]:
-        import webdataset as wds
+        import webdataset as wds  # deferred: the optional `train` extra
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)

@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from ..processing import ImageError
-from .config import RunConfig, RunConfigError
+from .config import RunConfigError
 from .transforms import open_image
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT = "blip2-feature-cache/1"
 INDEX = "index.json"
 SHARD_BYTES = 1 << 30  # ~1 GiB of features per safetensors shard
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class FeatureCacheError(RunConfigError):
@@ -141,8 +144,6 @@ class FeatureStore:
                                     f"directory or unset data.feature_cache")
 
     def _shard(self, i: int):
-        from safetensors import safe_open
-
         if i not in self._open:
             self._open[i] = safe_open(str(self.path / self.shards[i]), framework="pt")
         return self._open[i]
@@ -261,8 +262,6 @@ class _ShardWriter:
                 self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         name = f"features-{len(self.shards):05d}.safetensors"
@@ -271,7 +270,7 @@ class _ShardWriter:
         self.pending, self.n_pending = [], 0
 
 
-def _is_complete(path: Path, want: dict, keys: list[str]) -> bool:
+def is_complete(path: Path, want: dict, keys: list[str]) -> bool:
     """True when `path` holds a cache for this encoder with every key; FeatureCacheError for a mismatch."""
     if not (path / INDEX).is_file():
         if path.exists() and any(path.iterdir()):
@@ -287,46 +286,24 @@ def _is_complete(path: Path, want: dict, keys: list[str]) -> bool:
     return not missing
 
 
-def cache_features(cfg: RunConfig, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Run the frozen encoder once over every distinct training image of `cfg` (eval transform, no
-    augmentation) and write its outputs to `cfg.data.feature_cache` (default OUTPUT/feature_cache).
+def training_images(dataset, transform) -> tuple[list[str], Dataset | IterableDataset]:
+    """(the keys of every distinct training image, a dataset of (key, pixels or the reason it is unreadable)
+    that decodes them with `transform` in DataLoader workers)."""
+    if isinstance(dataset, IterableDataset):  # webdataset shards: listing the keys is a pass over the tars
+        return [k for k, _ in unique_images(dataset)], _ShardImages(dataset, transform)
+    items = list(unique_images(dataset))
+    return [k for k, _ in items], _Images(items, transform)
 
-    The model is built as `blip2 train` builds it (same seed, so random presets get the same weights). Runs on
-    cfg.device (default: CUDA when available), with the encoder in the precision training would use there
-    (fp32 on CPU). Written to a temporary directory, then renamed into place. A complete cache for the same
-    encoder is left alone (returns at once); one made for another encoder is refused."""
-    from .build import build_model
-    from .loop import _amp, _seed_everything
-    from .pipeline import TrainData
 
-    out = Path(cfg.data.feature_cache or Path(cfg.output_dir) / "feature_cache")
-    plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=False, feature_cache=None))
-    _seed_everything(cfg.seed)  # as train() does before building: random presets draw the same weights
-    model = build_model(plain, Path(cfg.output_dir) / "work").eval()
-    size = cfg.data.image_size or model.cfg.vision.image_size
-    data = TrainData(plain, model, rank=0, world=1)
-    want = expected_meta(model, size)
-    want["fingerprint"] = {name: vision_fingerprint(model.vision, dt) for name, dt in _DTYPES.items()}
-
-    if isinstance(data.dataset, IterableDataset):  # webdataset shards: listing the keys is a pass over the tars
-        keys = [k for k, _ in unique_images(data.dataset)]
-        images = _ShardImages(data.dataset, data.collator.image_transform)
-    else:
-        items = list(unique_images(data.dataset))
-        keys = [k for k, _ in items]
-        images = _Images(items, data.collator.image_transform)
-    if _is_complete(out, want, keys):
-        print(f"feature cache {out} is complete ({len(keys)} images): nothing to do")
-        return out
-
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype, _ = _amp(cfg, device)
-    vision = model.vision.to(device=device, dtype=amp_dtype or torch.float32)
+def write_cache(vision: torch.nn.Module, images, keys: list[str], out: Path, want: dict, batch_size: int,
+                num_workers: int = 0, shard_bytes: int = SHARD_BYTES, progress: bool = True) -> Path:
+    """Encode `images` (from `training_images`) with `vision` (on its device and dtype) into a cache at `out`
+    whose meta is `want`. Written to a temporary directory, then renamed into place."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        writer, bad = _encode_all(vision, images, len(keys), tmp, cfg, shard_bytes, progress)
+        writer, bad = _encode_all(vision, images, len(keys), tmp, batch_size, num_workers, shard_bytes, progress)
         meta = {**want, **writer.info, "num_images": len(writer.index)}
         doc = {"format": FORMAT, "meta": meta, "shards": writer.shards, "index": writer.index, "bad": bad}
         (tmp / INDEX).write_text(json.dumps(doc))  # last: a directory with an index is complete
@@ -337,14 +314,11 @@ def cache_features(cfg: RunConfig, progress: bool = True, shard_bytes: int = SHA
 
 
 @torch.inference_mode()
-def _encode_all(vision, images, total: int, tmp: Path, cfg: RunConfig, shard_bytes: int,
+def _encode_all(vision, images, total: int, tmp: Path, batch_size: int, num_workers: int, shard_bytes: int,
                 progress: bool) -> tuple[_ShardWriter, dict]:
     """Encode every image into shards under tmp: (the writer, {key: reason} of the unreadable images)."""
-    from tqdm.auto import tqdm
-
     param = next(vision.parameters())
-    loader = DataLoader(images, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                        collate_fn=_collate)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     writer, bad = None, {}
     off = {} if progress else {"disable": True}  # (passing disable=False would override TQDM_DISABLE=1)
     bar = tqdm(total=total, desc="cache-features", unit="img", dynamic_ncols=True, **off)

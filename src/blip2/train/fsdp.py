@@ -10,6 +10,7 @@ sharded LLM alone.
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import fully_shard  # FSDP2's public API (torch >= 2.6)
 
 
 def _blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
@@ -23,10 +24,6 @@ def _blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard_frozen_llm(model, device: torch.device) -> list[str]:
     """Shard `model.llm` in place; returns the names of the LLM's parameters and buffers (for DDP to ignore)."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as e:  # torch < 2.6
-        raise RuntimeError(f"fsdp: this torch has no FSDP2 (fully_shard): {e}") from None
     llm = model.llm
     blocks = _blocks(llm)
     if not blocks:
@@ -36,6 +33,15 @@ def shard_frozen_llm(model, device: torch.device) -> list[str]:
     for block in blocks:
         fully_shard(block)  # the embeddings / head stay replicated: the model embeds the prompt itself
     return ignored
+
+
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """Tell DDP (before wrapping `module`) to leave these parameters and buffers alone: FSDP owns them.
+
+    DDP has no public API for this: `_set_params_and_buffers_to_ignore_for_model` is a private static method of
+    DistributedDataParallel (checked against torch 2.13, the version the suite runs with). This is the one place
+    the package calls a torch-private function."""
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
 
 
 def full_state_dict(model) -> dict:

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
+from ..checkpoint import save_pretrained
+from ..convert_lavis import save_lavis
 from .build import build_model
 from .config import RunConfig, save_run_config
+from .fsdp import ddp_ignore, full_state_dict, shard_frozen_llm
 from .optim import build_optimizer, lr_at
+from .pipeline import build_train_data
+from .runtime import amp_settings, seed_everything, setup_distributed
 from .state import latest_checkpoint, load_training_state, save_training_state
+from .validate import validate
 
 
 class TrainingAborted(RuntimeError):
@@ -47,38 +51,6 @@ class Objective(torch.nn.Module):
         return {"lm_loss": out.loss, "loss": out.loss}
 
 
-def _setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if cfg.device:
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-def _amp(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use a grad scaler). Reduced precision only on GPUs: on CPU fp32."""
-    p = cfg.precision
-    if device.type != "cuda" or p == "fp32":
-        return None, False
-    if p == "auto":
-        p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return (torch.bfloat16, False) if p == "bf16" else (torch.float16, True)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
     if not path.is_file():
@@ -88,18 +60,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(cfg: RunConfig) -> dict:
-    from .pipeline import build_train_data
-
-    rank, world, device = _setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg)
     out_dir = Path(cfg.output_dir)
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, out_dir / "config.yaml")
-    _seed_everything(cfg.seed)  # the same random init on every rank (FSDP shards are not broadcast)
+    seed_everything(cfg.seed)  # the same random init on every rank (FSDP shards are not broadcast)
     model = build_model(cfg, out_dir / ("work" if is_main else f"work-rank{rank}"))
-    _seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
-    amp_dtype, use_scaler = _amp(cfg, device)
+    seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
+    amp_dtype, use_scaler = amp_settings(cfg, device)
     if amp_dtype is not None:  # frozen towers in reduced precision; trainable weights stay fp32 (master)
         model.vision.to(amp_dtype)
         if model.llm is not None:
@@ -111,13 +81,11 @@ def train(cfg: RunConfig) -> dict:
     objective = Objective(model, cfg.stage)
     ignored: list[str] = []
     if cfg.fsdp and world > 1 and model.llm is not None:
-        from .fsdp import shard_frozen_llm
-
         ignored = shard_frozen_llm(model, device)
     runner = objective
     if world > 1:
         if ignored:  # DDP replicates the trainable parts; the sharded frozen LLM is FSDP's
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, ignored)
+            ddp_ignore(objective, ignored)
         runner = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
     optimizer = build_optimizer(model, cfg)
@@ -215,8 +183,6 @@ def train(cfg: RunConfig) -> dict:
     _save(cfg, out_dir, cfg.max_steps, model, optimizer, scaler, data, counters, is_main)
     full_state = None
     if ignored:  # export needs the whole LLM weights
-        from .fsdp import full_state_dict
-
         full_state = full_state_dict(model)
     summary = {"steps": cfg.max_steps, **counters, "wall_time_s": round(time.perf_counter() - t_start, 2),
                "world_size": world}
@@ -225,11 +191,7 @@ def train(cfg: RunConfig) -> dict:
         if cfg.stage == "stage0":  # the image encoder alone, for the next stages' model.vit_path
             model.export(out_dir / "model")
         else:
-            from ..checkpoint import save_pretrained
-
             save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
-            from ..convert_lavis import save_lavis
-
             save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plots:
@@ -252,8 +214,6 @@ def _save(cfg, out_dir, step, model, optimizer, scaler, data, counters, is_main)
 
 
 def _validate(cfg, model, step, out_dir, writer, is_main) -> None:
-    from .validate import validate
-
     model.eval()
     try:
         result = validate(cfg, model)
@@ -269,7 +229,7 @@ def _validate(cfg, model, step, out_dir, writer, is_main) -> None:
 
 
 def _tensorboard(out_dir: Path):
-    try:
+    try:  # deferred: tensorboard is an optional extra (train)
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is optional
         return None
@@ -277,14 +237,12 @@ def _tensorboard(out_dir: Path):
 
 
 def _progress(cfg: RunConfig, start: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
 
 
 def _plot(metrics_path: Path, png: Path) -> None:
     """Loss curves of every named loss against the step."""
-    try:
+    try:  # deferred: matplotlib is an optional extra (train)
         import matplotlib
 
         matplotlib.use("Agg")

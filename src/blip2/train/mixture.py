@@ -1,4 +1,5 @@
-"""InstructBLIP instruction-tuning mixture (SPEC §5): task datasets with templates, mixed ∝ sqrt(size).
+"""InstructBLIP instruction-tuning mixture: task datasets with templates, mixed ∝ sqrt(size)
+(InstructBLIP paper, "Balancing Training Datasets").
 
 - `TaskDataset` wraps a raw dataset (blip2.train.data) with a task type and its templates and turns each
   sample into {"instruction", "text" (the target), ...}, drawing one template per sample.

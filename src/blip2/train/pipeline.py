@@ -9,23 +9,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..processing import ImageProcessor
-from . import synthetic
 from .collate import Collator
 from .config import RunConfig, RunConfigError
 from .data import CaptionDataset, ResumableSampler, ShardDataset, VQADataset
+from .feature_cache import open_feature_store
 from .mixture import MixtureDataset, TaskDataset
+from .synthetic import resolve_annotations
 from .transforms import EvalTransform, TrainTransform
 
 
 def _is_shards(spec) -> bool:
     return isinstance(spec, str) and ".tar" in spec
-
-
-def _resolve(spec, image_root, work_dir: Path, image_size: int):
-    """Annotation path(s) and image root; `synthetic:NAME` is generated on first use."""
-    if isinstance(spec, str) and spec.startswith("synthetic:"):
-        return synthetic.resolve(spec, work_dir, image_size)
-    return spec, image_root
 
 
 def _annotation_dataset(task: str, spec, image_root):
@@ -50,8 +44,6 @@ class TrainData:
             if d.augment:
                 raise RunConfigError("data.feature_cache holds the encoder outputs of un-augmented images: "
                                      "set data.augment=false to use it, or unset data.feature_cache")
-            from .feature_cache import open_feature_store
-
             features = open_feature_store(d.feature_cache, model, size)
         max_len = d.max_text_len if cfg.stage != "instruct" else max(d.max_text_len, 128)
         kind = "stage1" if cfg.stage == "stage0" else cfg.stage  # stage 0 reads (image, caption) pairs too
@@ -68,7 +60,7 @@ class TrainData:
                 if unknown or "path" not in entry or "task" not in entry:
                     raise RunConfigError(f"data.mixture entry {entry}: needs path and task; allowed keys "
                                          f"name, path, task, weight, image_root (unknown: {sorted(unknown)})")
-                path, root = _resolve(entry["path"], entry.get("image_root", d.image_root), work_dir, size)
+                path, root = resolve_annotations(entry["path"], entry.get("image_root", d.image_root), work_dir, size)
                 raw = _annotation_dataset(entry["task"], path, root)
                 tasks.append(TaskDataset(raw, entry["task"], name=entry.get("name"), seed=cfg.seed))
             weights = [e["weight"] for e in d.mixture] if all("weight" in e for e in d.mixture) else None
@@ -83,7 +75,7 @@ class TrainData:
         else:
             if d.train is None:
                 raise RunConfigError("data.train: give an annotation file, shards, or a data.mixture")
-            path, root = _resolve(d.train, d.image_root, work_dir, size)
+            path, root = resolve_annotations(d.train, d.image_root, work_dir, size)
             raw = _annotation_dataset(d.task if cfg.stage not in ("stage0", "stage1") else "caption", path, root)
             self.dataset = TaskDataset(raw, d.task, seed=cfg.seed) if cfg.stage == "instruct" else raw
             if len(self.dataset) < self.batch_size * world:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
           "purple": (140, 50, 170), "orange": (245, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
@@ -18,8 +19,6 @@ KINDS = ("colors", "colors-vqa")
 
 def write_colors(root: Path, n: int = 64, size: int = 32, seed: int = 0) -> dict[str, Path]:
     """Write `n` images and both annotation files under `root` (idempotent). Returns {kind: json path}."""
-    from PIL import Image
-
     root = Path(root)
     done = root / ".complete"
     paths = {"colors": root / "colors.json", "colors-vqa": root / "colors-vqa.json"}
@@ -41,6 +40,14 @@ def write_colors(root: Path, n: int = 64, size: int = 32, seed: int = 0) -> dict
     paths["colors-vqa"].write_text(json.dumps(vqa))
     done.write_text("ok")
     return paths
+
+
+def resolve_annotations(spec, image_root, work_dir: Path, image_size: int):
+    """A run config's annotation path(s) and image root, as given, or (`synthetic:NAME`) generated on first
+    use under `work_dir`. Training data and validation data go through it."""
+    if isinstance(spec, str) and spec.startswith("synthetic:"):
+        return resolve(spec, work_dir, image_size)
+    return spec, image_root
 
 
 def resolve(spec: str, work_dir: Path, image_size: int) -> tuple[str, str]:

@@ -1,5 +1,5 @@
-"""InstructBLIP instruction templates (SPEC §5, from the paper, written exactly as listed there) and the
-paper's held-in / held-out dataset lists.
+"""InstructBLIP instruction templates (the InstructBLIP paper's appendix, written exactly as listed there) and
+the paper's held-in / held-out dataset lists.
 
 `{Question}` and `{Answer}` are filled with `str.format`; `<Image>` (the visual prompt) is not written into
 the text: the model puts the visual vectors in front of it.

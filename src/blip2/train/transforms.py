@@ -5,8 +5,8 @@ Every random transform takes an explicit `np.random.Generator`: the data code se
 however often training is resumed (see `blip2.train.data.seeded_rng`).
 
 - `TrainTransform`: random resized crop (area scale 0.5-1, aspect ratio 3/4-4/3, bicubic) + horizontal flip,
-  then the CLIP normalisation of `blip2.processing.ImageProcessor` (SPEC §6).
-- `EvalTransform`: the ImageProcessor itself (square bicubic resize + normalisation; SPEC §8).
+  then the CLIP normalisation of `blip2.processing.ImageProcessor` (BLIP-2 paper §3.4).
+- `EvalTransform`: the ImageProcessor itself (square bicubic resize + normalisation; LAVIS BlipImageEvalProcessor).
 - `pre_caption` / `pre_question`: LAVIS-style text cleaning (lowercase, drop some punctuation, cap words).
 """
 
@@ -41,15 +41,6 @@ def open_image(src: ImageSource) -> Image.Image:
             reason = " ".join(f"{type(e).__name__}: {e}".split())
             raise ImageError(f"cannot decode image bytes ({len(src)} bytes): {reason}") from None
     return load_image(src)
-
-
-def _normalise(img: Image.Image, proc: ImageProcessor) -> torch.Tensor:
-    """uint8 RGB S x S image -> float32 [3, S, S], with the ImageProcessor's arithmetic (float64 rescale,
-    float32 (x - mean) / std) so that an un-augmented crop equals the eval pixels bit for bit."""
-    x = np.asarray(img).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    x = (x.astype(np.float64) * proc.rescale_factor).astype(np.float32)
-    x = (x - proc._mean) / proc._std
-    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 class EvalTransform:
@@ -117,7 +108,7 @@ class TrainTransform:
         out = img.resize((s, s), resample=self.proc.resample, box=(left, top, left + w, top + h))
         if rng.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _normalise(out, self.proc)
+        return self.proc.normalize(out)  # the eval arithmetic: an un-augmented crop equals the eval pixels
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluation import evaluate
 from .config import RunConfig, RunConfigError
+from .synthetic import resolve_annotations
 
 
 def validate(cfg: RunConfig, model) -> dict:
-    from ..evaluation import evaluate
-    from .pipeline import _resolve
-
     d = cfg.data
     if d.val is None:
         raise RunConfigError("val_every is set but data.val is not: give a validation annotation file")
     size = d.image_size or model.cfg.vision.image_size
-    path, root = _resolve(d.val, d.val_image_root or d.image_root, Path(cfg.output_dir) / "work", size)
+    path, root = resolve_annotations(d.val, d.val_image_root or d.image_root, Path(cfg.output_dir) / "work", size)
     task = d.val_task or ("retrieval" if cfg.stage == "stage1" else ("vqa" if d.task == "vqa" else "caption"))
     kw = {"k": 16} if task == "retrieval" else {"generation": {"num_beams": 1}}
     if d.val_prompt and task in ("caption", "vqa"):  # a caption prompt, or a VQA template with "{}"
