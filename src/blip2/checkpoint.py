@@ -10,16 +10,14 @@ from the file or present. `find_checkpoint` is the one resolver of what a user m
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Blip2Config, ConfigError
+from .files import atomic_dir
 
 
 class CheckpointError(ValueError):
@@ -316,9 +314,7 @@ def save_pretrained(model, path: str | Path, max_shard_size: int = 2 * 1024**3, 
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         shards, cur, size = [], {}, 0
         for k, v in hf_state.items():
@@ -342,14 +338,3 @@ def save_pretrained(model, path: str | Path, max_shard_size: int = 2 * 1024**3, 
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if model.processor is not None:
             model.processor.save_pretrained(tmp)
-        if out.exists():
-            backup = out.with_name(out.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

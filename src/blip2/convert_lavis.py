@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError, load_into, read_weights
 from .config import Blip2Config, ConfigError
+from .files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -542,15 +542,8 @@ def save_lavis(model, path: str | Path, architecture: str | None = None) -> None
     grads = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if grads.get(k, True)}
     lavis = ours_to_lavis(state, arch)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same directory: the rename is atomic
-    try:
+    with atomic_file(path) as tmp:
         torch.save({"model": lavis}, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_vit_weights(model, path: str | Path) -> list[str]:

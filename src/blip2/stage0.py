@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from transformers import AutoModel
 
 from .config import VisionConfig
 from .convert_lavis import ours_to_lavis
+from .files import atomic_file, write_text_atomic
 from .vision import build_vision
 
 
@@ -219,10 +219,7 @@ def export_encoder(model: nn.Module, out_dir: str | Path) -> Path:
     state = {f"vision.{k}": v.detach().float().cpu().contiguous() for k, v in model.vision.state_dict().items()}
     lavis = {k.removeprefix("visual_encoder."): v for k, v in ours_to_lavis(state, "blip2_opt").items()}
     path = out / "vit.pth"
-    tmp = out / f".vit.pth.{os.getpid()}.tmp"
-    torch.save(lavis, tmp)
-    os.replace(tmp, path)
-    cfg_tmp = out / f".vision_config.json.{os.getpid()}.tmp"
-    cfg_tmp.write_text(json.dumps(asdict(model.cfg.vision), indent=2))
-    os.replace(cfg_tmp, out / "vision_config.json")
+    with atomic_file(path) as tmp:
+        torch.save(lavis, tmp)
+    write_text_atomic(out / "vision_config.json", json.dumps(asdict(model.cfg.vision), indent=2))
     return path

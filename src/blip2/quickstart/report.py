@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_file
 from .probes import probe_table
 from .tables import NA, finite, pct, score, table
 
@@ -290,21 +288,6 @@ def summary_lines(report: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- writing
-@contextmanager
-def _atomic(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path next to `path`; moves it onto `path` when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(v):
     """NaN / inf are not JSON: written as null, like a step that did not run."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -320,9 +303,9 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """Writes out_dir/report.json and out_dir/report.md; returns (json path, markdown path)."""
     out_dir = Path(out_dir)
     js, md = out_dir / "report.json", out_dir / "report.md"
-    with _atomic(js) as tmp:
+    with atomic_file(js) as tmp:
         tmp.write_text(json.dumps(_jsonable(report), indent=2, default=str) + "\n")
-    with _atomic(md) as tmp:
+    with atomic_file(md) as tmp:
         tmp.write_text(markdown(report))
     return js, md
 
@@ -339,7 +322,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, png: str | Path) -> None:
-    with _atomic(png) as tmp:
+    with atomic_file(png) as tmp:
         fig.savefig(tmp, format="png", facecolor="white")
 
 

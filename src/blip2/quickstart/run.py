@@ -29,6 +29,7 @@ import yaml
 from ..api import load
 from ..data import shapes
 from ..evaluation import evaluate
+from ..files import write_text_atomic
 from ..pretrained import minilm_dir, smollm2_dir
 from ..train.cache_features import cache_features
 from ..train.config import load_run_config, merge, parse_overrides, shipped_configs
@@ -112,10 +113,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def resolve_config(path: Path, names: dict[str, str], overrides: list[str], out: Path) -> Path:

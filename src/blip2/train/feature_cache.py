@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from ..files import atomic_dir
 from ..processing import ImageError
 from .config import RunConfigError
 from .transforms import open_image
@@ -299,17 +299,11 @@ def write_cache(vision: torch.nn.Module, images, keys: list[str], out: Path, wan
                 num_workers: int = 0, shard_bytes: int = SHARD_BYTES, progress: bool = True) -> Path:
     """Encode `images` (from `training_images`) with `vision` (on its device and dtype) into a cache at `out`
     whose meta is `want`. Written to a temporary directory, then renamed into place."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # an older (incomplete) cache at out is replaced
         writer, bad = _encode_all(vision, images, len(keys), tmp, batch_size, num_workers, shard_bytes, progress)
         meta = {**want, **writer.info, "num_images": len(writer.index)}
         doc = {"format": FORMAT, "meta": meta, "shards": writer.shards, "index": writer.index, "bad": bad}
         (tmp / INDEX).write_text(json.dumps(doc))  # last: a directory with an index is complete
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -343,13 +337,3 @@ def _encode_all(vision, images, total: int, tmp: Path, batch_size: int, num_work
         log.warning("%d unreadable images are listed as bad in the cache (training skips them)", len(bad))
     return writer, bad
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move tmp to out; an older (incomplete) cache at out is swapped aside first and then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

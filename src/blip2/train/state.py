@@ -6,15 +6,15 @@ last N. A run directory holds `checkpoints/step-000123/{state.safetensors, meta.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..files import atomic_dir, write_text_atomic
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -89,20 +89,11 @@ def save_training_state(run_dir: Path, step: int, model, optimizer, scaler, extr
     meta = {"step": step, "optimizer": opt_meta, "rng": rng_meta, "extra": extra,
             "scaler": scaler.state_dict() if scaler is not None else None}
     name = f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
-    try:
+    final = ckpt_root / name
+    with atomic_dir(final) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta))
-        final = ckpt_root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = ckpt_root / ".latest.tmp"
-    latest_tmp.write_text(name)
-    os.replace(latest_tmp, ckpt_root / "latest")
+    write_text_atomic(ckpt_root / "latest", name)
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
