@@ -22,7 +22,7 @@ from .convert_bert import init_qformer_from_bert
 from .convert_lavis import fill_from_lavis, read_lavis_checkpoint
 from .model import Blip2Model
 from .processing import ImageProcessor, Processor
-from .stage1 import stage1_config
+from .stage1 import add_decoder_token, stage1_config
 
 __version__ = "0.1.0"
 
@@ -92,8 +92,7 @@ def from_bert(bert_dir: str | Path, vision: VisionConfig | None = None, image_si
     Returns the model with a Processor attached (its tokenizer is the BERT tokenizer)."""
     vision = vision or VisionConfig()
     tok = AutoTokenizer.from_pretrained(str(bert_dir))
-    if tok.bos_token != "[DEC]":
-        tok.add_special_tokens({"bos_token": "[DEC]"})
+    add_decoder_token(tok)
     cfg = stage1_config(vision, bert_dir, vocab_size=len(tok), **kw)
     cfg.qformer.bos_token_id = tok.bos_token_id
     model = Blip2Model(cfg)

@@ -22,12 +22,21 @@ from .config import Blip2Config, QFormerConfig, VisionConfig
 from .convert_bert import qformer_config_from_bert
 
 
+DECODER_TOKEN = "[DEC]"  # the Q-Former's bos token for ITG and captioning (LAVIS Blip2Base.init_tokenizer)
+
+
+def add_decoder_token(tok) -> None:
+    """Give a BERT tokenizer the [DEC] bos token (appended to its vocabulary) unless it has it already."""
+    if tok.bos_token != DECODER_TOKEN:
+        tok.add_special_tokens({"bos_token": DECODER_TOKEN})
+
+
 def decoder_token_id(model) -> int:
     """[DEC]: from the attached tokenizer (its bos token), else the Q-Former config's bos_token_id, else the
     last id of the Q-Former vocabulary (where LAVIS appends it)."""
     proc = getattr(model, "processor", None)
     tok = getattr(proc, "qformer_tokenizer", None) or getattr(proc, "tokenizer", None)
-    if tok is not None and tok.bos_token_id is not None and tok.bos_token == "[DEC]":
+    if tok is not None and tok.bos_token_id is not None and tok.bos_token == DECODER_TOKEN:
         return int(tok.bos_token_id)
     if model.cfg.qformer.bos_token_id is not None:
         return int(model.cfg.qformer.bos_token_id)

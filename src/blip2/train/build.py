@@ -16,6 +16,7 @@ from ..convert_lavis import load_vit_weights
 from ..model import Blip2Model
 from ..processing import ImageProcessor, Processor
 from ..stage0 import ImageTextAligner, TagPretrainer
+from ..stage1 import add_decoder_token
 from ..tiny import make_bert_tokenizer, make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer
 from .config import RunConfig, RunConfigError
 
@@ -159,8 +160,8 @@ def _tokenizers(cfg: RunConfig, bcfg: Blip2Config, tok_dir: Path):
             q_tok = _tiny_bert_tokenizer(tok_dir / "bert")
         else:
             raise RunConfigError("model.qformer_tokenizer: give the BERT tokenizer directory (or tiny_tokenizers: true)")
-        if cfg.stage == "stage1" and q_tok.bos_token != "[DEC]":
-            q_tok.add_special_tokens({"bos_token": "[DEC]"})
+        if cfg.stage == "stage1":
+            add_decoder_token(q_tok)
     return llm_tok, q_tok
 
 
