@@ -14,6 +14,7 @@ from .api import load
 from .demo import run_demo
 from .evaluation import distributed_session, evaluate, markdown_report
 from .info import describe
+from .processing import VQA_TEMPLATE
 from .quickstart.run import run_quickstart
 from .serve.app import serve
 from .serve.engine import ServeSettings
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N entries")
     p.add_argument("--prompt", default=None, help='caption: text the caption continues, e.g. "a photo of"')
     p.add_argument("--template", default=None, help='vqa / choice: question template (default '
-                                                      '"Question: {} Short answer:")')
+                                                      f'"{VQA_TEMPLATE}")')
     p.add_argument("--k", type=int, default=128, help="retrieval: candidates per row re-ranked with ITM")
     p.add_argument("--reduce", choices=["mean", "sum"], default="mean",
                    help="choice: rank by the mean or the sum of the choice's token log-probabilities")
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=256, help="the most new tokens a request may ask for")
     p.add_argument("--image-root", default=None, help="allow local image paths, only under this folder")
-    p.add_argument("--template", default=None, help='BLIP-2 chat prompt template, default "Question: {} Short answer:"')
+    p.add_argument("--template", default=None, help=f'BLIP-2 chat prompt template, default "{VQA_TEMPLATE}"')
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p = add("quickstart", cmd_quickstart)
     p.add_argument("--smoke", action="store_true", help="the same pipeline at toy size (a few minutes)")

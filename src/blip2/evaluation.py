@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,10 +32,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist, metrics
+from .processing import VQA_TEMPLATE, pad_ids, pre_caption
 from .retrieval import score_matrix
 
 TASKS = ("caption", "vqa", "retrieval", "choice")
-VQA_TEMPLATE = "Question: {} Short answer:"
 
 
 def generation_defaults(task: str, is_encoder_decoder: bool) -> dict:
@@ -283,13 +282,6 @@ def _continuations(tok, prompt: str, prompt_ids: list[int], choices: list[str]) 
             for c, ids in zip(choices, joint)]
 
 
-def _pad(seqs: list[list[int]], value: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad lists of ids -> (ids [R, T], mask [R, T])."""
-    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in seqs], batch_first=True, padding_value=value)
-    lengths = torch.tensor([len(x) for x in seqs])
-    return ids.to(device), (torch.arange(ids.shape[1])[None] < lengths[:, None]).long().to(device)
-
-
 def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Sum over positions of log p(target) where `where` is set: logits [R, T, V], targets/where [R, T] -> [R]."""
     lp = -F.cross_entropy(logits[where].float(), targets[where], reduction="none")  # (n_tokens,): only those rows
@@ -301,7 +293,7 @@ def _decoder_only_rows(llm, vis, prompt_ids, rows, pad):
     every real token at the position it has unpadded (pads come last and the attention is causal).
     Returns (summed log p [R], number of choice tokens [R])."""
     device, Q = vis.device, vis.shape[1]
-    ids, mask = _pad([prompt_ids[b] + c for b, c in rows], pad, device)  # (R, T)
+    ids, mask = pad_ids([prompt_ids[b] + c for b, c in rows], pad, device)  # (R, T)
     is_choice = torch.zeros_like(mask, dtype=torch.bool)
     for i, (b, c) in enumerate(rows):
         is_choice[i, len(prompt_ids[b]):len(prompt_ids[b]) + len(c)] = True
@@ -315,7 +307,7 @@ def _decoder_only_rows(llm, vis, prompt_ids, rows, pad):
 def _seq2seq_rows(llm, enc, enc_mask, rows, pad):
     """rows of (sample, choice ids): the choice as the decoder target over the sample's encoder output
     enc [b, L, D]. Right padding needs no decoder mask: the decoder is causal, pads come last."""
-    labels, lmask = _pad([c for _, c in rows], pad, enc.device)  # (R, T)
+    labels, lmask = pad_ids([c for _, c in rows], pad, enc.device)  # (R, T)
     who = torch.tensor([b for b, _ in rows], device=enc.device)
     start = torch.full((len(rows), 1), llm.config.decoder_start_token_id, device=enc.device)
     logits = llm(encoder_outputs=(enc[who],), attention_mask=enc_mask[who],
@@ -364,7 +356,7 @@ def choice_scores(model, images, prompts: Sequence[str], choices: Sequence[Seque
             rows += [(b, c) for c in cand_ids]
             where += [(b, j) for j in range(len(cands))]
         if enc_dec:  # the encoder runs once per sample; its output is shared by the sample's candidates
-            p_ids, p_mask = _pad(prompt_ids, pad, device)
+            p_ids, p_mask = pad_ids(prompt_ids, pad, device)
             x = torch.cat([vis, llm.get_input_embeddings()(p_ids).to(vis.dtype)], dim=1)  # (b, Q + P, D)
             enc_mask = torch.cat([torch.ones(vis.shape[:2], dtype=p_mask.dtype, device=device), p_mask], dim=1)
             enc = llm.get_encoder()(inputs_embeds=x, attention_mask=enc_mask).last_hidden_state  # (b, Q + P, D)
@@ -463,11 +455,6 @@ def _score_choice(results, _, opts) -> dict:
             "ranked_by": opts["reduce"], "count": len(results)}
 
 
-def _pre_caption(text: str, max_words: int = 50) -> str:
-    """LAVIS's retrieval text cleaning: lower case, most punctuation to spaces, at most 50 words."""
-    return " ".join(re.sub(r"[.!\"()*#:;~]", " ", text.lower()).split()[:max_words])
-
-
 def _retrieval(model, items, opts):
     proc = _processor(model)
     readable = [_opens(it["image"]) for it in items]  # a missing or non-image file drops the image and its captions
@@ -483,7 +470,7 @@ def _retrieval(model, items, opts):
     tok = proc.qformer_tokenizer if proc.qformer_tokenizer is not None else proc.tokenizer
     side, tok.truncation_side = tok.truncation_side, "right"  # LAVIS keeps the start of long captions
     try:
-        enc = tok([_pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=35,
+        enc = tok([pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=35,
                   return_tensors="pt")
     finally:
         tok.truncation_side = side

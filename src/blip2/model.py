@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from . import checkpoint
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
+from .processing import CAPTION_INSTRUCTION, VQA_TEMPLATE
 from .qformer import QFormer
 from .qformer_caption import qformer_generate
 from .stage1 import stage1_losses
@@ -348,11 +349,11 @@ class Blip2Model(nn.Module):
             # prompt, whose last position predicts the first word)
             prompts = [""] * n
         if self.cfg.architecture == "instructblip":
-            text = prompt or "A short image caption:"
+            text = prompt or CAPTION_INSTRUCTION
             return self._generate_text(images, [text] * n, [text] * n, **generation)
         return self._generate_text(images, prompts, None, **generation)
 
-    def answer(self, images, questions: list[str] | str, template: str = "Question: {} Short answer:",
+    def answer(self, images, questions: list[str] | str, template: str = VQA_TEMPLATE,
                **generation) -> list[str]:
         """Short answers (the zero-shot VQA prompt of the BLIP-2 paper §4.1) to one question per image."""
         questions = [questions] if isinstance(questions, str) else list(questions)

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import GenerationConfig
+from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE, pad_ids
 from ..qformer_caption import qformer_generate
 from .batching import Job
 
 __all__ = ["Decoding", "Engine", "RequestError", "ServeSettings"]
 
 log = logging.getLogger("blip2.serve")
-CAPTION_INSTRUCTION = "A short image caption:"  # InstructBLIP's captioning instruction (the paper's templates)
 
 
 @dataclass
@@ -101,18 +101,6 @@ class _Settled(Exception):
     """Raised from the streamer to end a batch that no request needs any more."""
 
 
-def _pad(seqs: list[list[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, mask) [B, T], padded on `side` as a tokenizer pads a batch."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
-
-
 class Engine:
     def __init__(self, model, settings: ServeSettings):
         if model.processor is None:
@@ -135,7 +123,7 @@ class Engine:
             self.context = None
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.qformer_max_len = min(cfg.qformer_max_text_len, cfg.qformer.max_position_embeddings)
-        template = settings.template or ("{}" if self.arch == "instructblip" else "Question: {} Short answer:")
+        template = settings.template or ("{}" if self.arch == "instructblip" else VQA_TEMPLATE)
         self.template = template
 
     def capabilities(self) -> list[str]:
@@ -250,10 +238,10 @@ class Engine:
             else:
                 ids = mask = q_ids = q_mask = None
                 if payloads[0].prompt_ids is not None:
-                    ids, mask = _pad([p.prompt_ids for p in payloads], self.proc.pad_token_id,
+                    ids, mask = pad_ids([p.prompt_ids for p in payloads], self.proc.pad_token_id,
                                      self.proc.padding_side, dev)
                 if payloads[0].qformer_ids is not None:
-                    q_ids, q_mask = _pad([p.qformer_ids for p in payloads], self.proc.qformer_tokenizer.pad_token_id,
+                    q_ids, q_mask = pad_ids([p.qformer_ids for p in payloads], self.proc.qformer_tokenizer.pad_token_id,
                                          "right", dev)
                 out = m.generate(pixels, input_ids=ids, attention_mask=mask, qformer_input_ids=q_ids,
                                  qformer_attention_mask=q_mask, **gen)
@@ -265,7 +253,7 @@ class Engine:
         m, dev = self.model, self.model.device
         pixels = torch.stack([j.payload.pixels for j in jobs]).to(dev)  # (J, 3, S, S)
         owner = torch.tensor([i for i, j in enumerate(jobs) for _ in j.payload.texts], device=dev)  # (R,) text -> job
-        ids, mask = _pad([t for j in jobs for t in j.payload.texts], self.proc.tokenizer.pad_token_id or 0, "right",
+        ids, mask = pad_ids([t for j in jobs for t in j.payload.texts], self.proc.tokenizer.pad_token_id or 0, "right",
                          dev)  # (R, T): right padding, as BERT's absolute positions need
         itm = m.itm_logits(pixels[owner], ids, mask).float().softmax(-1)[:, 1]  # (R,) P(match)
         img = m.image_embeds(pixels)[owner]  # (R, Q, D)

@@ -30,12 +30,11 @@ offsets, so the ids are the tokenizer's own for the full text and the mask bound
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..processing import ImageError, ImageProcessor, Processor
+from ..processing import ImageError, ImageProcessor, Processor, pad_ids
 from .data import seeded_rng, stable_hash
 from .transforms import EvalTransform, open_image
 
@@ -85,19 +84,6 @@ def split_tokens(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     n_prompt = next((i for i, (start, _) in enumerate(offsets) if start >= boundary), len(ids))
     return ids[:n_prompt], ids[n_prompt:]
-
-
-def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
-    """Right-pad lists of ids to one int64 tensor [B, T]."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def _mask(rows: Sequence[list[int]]) -> torch.Tensor:
-    return _pad([[1] * len(r) for r in rows], 0)
 
 
 def prefix_split(caption: str, rng: np.random.Generator) -> tuple[str, str]:
@@ -208,19 +194,20 @@ class Collator:
         rows = [self._frame(_ids(self.tok, s["text"]), self.max_len, keep="start") for s in kept]
         # without an image_id, the key's hash: ids are gathered across ranks, so batch positions would collide
         image_ids = [int(s["image_id"]) if "image_id" in s else stable_hash(str(s.get("key"))) for s in kept]
-        return {"input_ids": _pad(rows, self.tok.pad_token_id), "attention_mask": _mask(rows),
+        ids, mask = pad_ids(rows, self.tok.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask,
                 "image_ids": torch.tensor(image_ids, dtype=torch.long)}
 
     def _decoder_only(self, pairs: list[tuple[list[int], list[int]]]) -> dict:
         """(context ids, target ids) per sample -> BOS + context + target, labels on the target only."""
         rows = [self.prefix + c + t for c, t in pairs]
         labels = [[IGNORE] * (len(self.prefix) + len(c)) + t for c, t in pairs]
-        return {"input_ids": _pad(rows, self.tok.pad_token_id), "attention_mask": _mask(rows),
-                "labels": _pad(labels, IGNORE)}
+        ids, mask = pad_ids(rows, self.tok.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": pad_ids(labels, IGNORE)[0]}
 
     def _encoder_decoder(self, inputs: list[list[int]], targets: list[list[int]]) -> dict:
-        return {"input_ids": _pad(inputs, self.tok.pad_token_id), "attention_mask": _mask(inputs),
-                "labels": _pad(targets, IGNORE)}
+        ids, mask = pad_ids(inputs, self.tok.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": pad_ids(targets, IGNORE)[0]}
 
     def _stage2(self, kept: list[dict]) -> dict:
         if self.encoder_decoder:
@@ -260,8 +247,7 @@ class Collator:
             for s in kept:
                 body = _ids(self.qtok, s["instruction"])
                 rows.append(self.q_prefix + (body[len(body) - room:] if len(body) > room else body) + self.q_suffix)
-            out["qformer_input_ids"] = _pad(rows, self.qtok.pad_token_id)
-            out["qformer_attention_mask"] = _mask(rows)
+            out["qformer_input_ids"], out["qformer_attention_mask"] = pad_ids(rows, self.qtok.pad_token_id)
         return out
 
     # -------------------------------------------------------------------------------------------- call

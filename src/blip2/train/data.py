@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from .. import dist
-from .transforms import pre_caption, pre_question
+from ..processing import pre_caption, pre_question
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Image augmentation and caption cleaning for training (PIL + numpy + torch; no torchvision).
+"""Image augmentation for training (PIL + numpy + torch; no torchvision).
 
 Every random transform takes an explicit `np.random.Generator`: the data code seeds it from
 (seed, epoch, sample key), so a sample is augmented the same way whichever worker or process loads it and
@@ -7,14 +7,12 @@ however often training is resumed (see `blip2.train.data.seeded_rng`).
 - `TrainTransform`: random resized crop (area scale 0.5-1, aspect ratio 3/4-4/3, bicubic) + horizontal flip,
   then the CLIP normalisation of `blip2.processing.ImageProcessor` (BLIP-2 paper §3.4).
 - `EvalTransform`: the ImageProcessor itself (square bicubic resize + normalisation; LAVIS BlipImageEvalProcessor).
-- `pre_caption` / `pre_question`: LAVIS-style text cleaning (lowercase, drop some punctuation, cap words).
 """
 
 from __future__ import annotations
 
 import io
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -109,27 +107,3 @@ class TrainTransform:
         if rng.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.proc.normalize(out)  # the eval arithmetic: an un-augmented crop equals the eval pixels
-
-
-# ------------------------------------------------------------------------------------------------ text
-
-# LAVIS's caption/question cleaning drops these characters (commas, apostrophes, '?', '-' are kept).
-_DROPPED_PUNCT = re.compile(r'[.!"()*#:;~]')
-
-
-def _cap_words(text: str, max_words: int | None) -> str:
-    words = text.split()  # also collapses runs of spaces, tabs and newlines
-    if max_words is not None:
-        words = words[:max_words]
-    return " ".join(words)
-
-
-def pre_caption(caption: str, max_words: int | None = 50) -> str:
-    """Lowercase, replace . ! " ( ) * # : ; ~ by spaces, collapse whitespace, keep the first max_words words.
-    An empty result means the caption had no words (the data code skips such samples)."""
-    return _cap_words(_DROPPED_PUNCT.sub(" ", caption.lower()), max_words)
-
-
-def pre_question(question: str, max_words: int | None = 50) -> str:
-    """Like pre_caption, but the punctuation is deleted rather than replaced ("what's this?" keeps its '?')."""
-    return _cap_words(_DROPPED_PUNCT.sub("", question.lower()), max_words)
