@@ -81,6 +81,18 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def resize_pos_embed(pe: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1, 1 + side*side, D] -> [1, 1 + grid_h*grid_w, D]: the square patch grid resized bicubically (in pe's
+    dtype), the CLS slot kept. The one resizer: at forward time for another image size and when a checkpoint
+    trained at another size is converted (as LAVIS's interpolate_pos_embed)."""
+    side = int(math.isqrt(pe.shape[1] - 1))
+    cls_pos, patch_pos = pe[:, :1], pe[:, 1:]
+    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+    patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)  # (1, gh*gw, D)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
 class EvaViT(nn.Module):
     """Pre-LN ViT returning all token features [B, 1 + (H/p)(W/p), D] of the last built block."""
 
@@ -113,12 +125,7 @@ class EvaViT(nn.Module):
         n = self.pos_embed.shape[1] - 1
         if grid_h * grid_w == n and grid_h == grid_w:
             return self.pos_embed
-        side = int(math.isqrt(n))
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)  # (1, gh*gw, D)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resize_pos_embed(self.pos_embed, grid_h, grid_w)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, _, H, W = pixel_values.shape
