@@ -87,16 +87,23 @@ NOT_IN_HF_PREFIXES = ("qformer.lm_head.",)
 _QKV_BIAS = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
 
 
-def _compile(pattern: str) -> re.Pattern:
-    rx = re.escape(pattern)
-    rx = rx.replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)").replace(r"\{rest\}", r"(?P<rest>.+)")
-    return re.compile("^" + rx + "$")
+# the fields of a key template: a layer number, a parameter kind, any tail
+KEY_FIELDS = {"n": r"\d+", "p": "weight|bias", "rest": ".+"}
+
+
+def key_pattern(template: str, **fields: str) -> re.Pattern:
+    """A key template such as "encoder.layer.{n}.output.dense.{p}" -> an anchored regex with a named group per
+    `{field}` (KEY_FIELDS; `fields` adds more: name -> regex). The one compiler of every converter's key map."""
+    rx = re.escape(template)
+    for name, sub in {**KEY_FIELDS, **fields}.items():
+        rx = rx.replace(re.escape("{" + name + "}"), f"(?P<{name}>{sub})")
+    return re.compile(f"^{rx}$")
 
 
 def _translate(key: str, rules: list[tuple[str, str]], forward: bool) -> str | None:
     for ours, theirs in rules:
         src, dst = (theirs, ours) if forward else (ours, theirs)
-        m = _compile(src).match(key)
+        m = key_pattern(src).match(key)
         if m:
             return dst.format(**m.groupdict())
     return None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_weights
+from .checkpoint import CheckpointError, key_pattern, read_weights
 from .config import QFormerConfig
 
 # (BERT key pattern, our Q-Former key pattern); {n} = layer, {p} = weight|bias
@@ -39,11 +39,7 @@ BERT_KEY_MAP = [
 IGNORED = re.compile(r"(pooler\.|cls\.seq_relationship|cls\.predictions\.decoder|position_ids|token_type_embeddings)")
 
 
-def _rx(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$")
-
-
-_RULES = [(_rx(b), ours) for b, ours in BERT_KEY_MAP]
+_RULES = [(key_pattern(b), ours) for b, ours in BERT_KEY_MAP]
 
 
 def _normalise(key: str) -> str:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, load_into, read_weights
+from .checkpoint import CheckpointError, key_pattern, load_into, read_weights
 from .config import Blip2Config, ConfigError
 from .files import atomic_file
+from .vision import resize_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +101,9 @@ _WORD = "Qformer.bert.embeddings.word_embeddings.weight"
 _HEAD_BIAS = "Qformer.cls.predictions.bias"
 
 
-def _compile(pattern: str) -> re.Pattern:
-    rx = re.escape(pattern)
-    for name, sub in (("n", r"\d+"), ("p", "weight|bias"), ("rest", ".+"), ("proj", "|".join(_PROJ_NAMES)),
-                      ("llm", "|".join(_LLM_NAMES))):
-        rx = rx.replace(re.escape("{" + name + "}"), f"(?P<{name}>{sub})")
-    return re.compile(f"^{rx}$")
-
-
-_FORWARD = [(_compile(lavis), ours) for lavis, ours in KEY_MAP]
-_BACKWARD = [(_compile(ours), lavis) for lavis, ours in KEY_MAP]
+_FIELDS = {"proj": "|".join(_PROJ_NAMES), "llm": "|".join(_LLM_NAMES)}
+_FORWARD = [(key_pattern(lavis, **_FIELDS), ours) for lavis, ours in KEY_MAP]
+_BACKWARD = [(key_pattern(ours, **_FIELDS), lavis) for lavis, ours in KEY_MAP]
 
 
 def _part(key: str) -> str:
@@ -363,10 +356,7 @@ def _resize_pos_embed(pe: torch.Tensor, num_patches: int) -> torch.Tensor:
     old, new = round((pe.shape[1] - 1) ** 0.5), round(num_patches ** 0.5)
     if old * old != pe.shape[1] - 1 or new * new != num_patches:
         raise CheckpointError(f"pos_embed {list(pe.shape)}: cannot resize a non-square grid to {num_patches} patches")
-    grid = pe[:, 1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)  # (1, new*new, D)
-    return torch.cat([pe[:, :1].float(), grid], dim=1).to(pe.dtype)
+    return resize_pos_embed(pe.float(), new, new).to(pe.dtype)  # resized in fp32
 
 
 def _short(keys, n: int = 8) -> str:
