@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from . import checkpoint
+from . import checkpoint, heads, losses
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
 from .processing import CAPTION_INSTRUCTION, VQA_TEMPLATE
@@ -379,39 +379,39 @@ class Blip2Model(nn.Module):
             raise ValueError(f"itm_logits pairs rows: {pixel_values.shape[0]} images vs {input_ids.shape[0]} texts")
         image = self.encode_image(pixel_values)
         out = self.qformer(image, input_ids=input_ids, text_mask=attention_mask, mode="itm")
-        return _head(self.itm_head, out.query_output).mean(dim=1)  # (B, Q, 2) -> (B, 2)
+        return heads.itm_logits(self.itm_head, out.query_output)  # (B, 2)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised projected query outputs [B, Q, D_itc]."""
         self._need_heads()
         q = self.qformer(self.encode_image(pixel_values)).query_output
-        return F.normalize(_head(self.vision_proj, q), dim=-1)
+        return heads.project_image(self.vision_proj, q)
 
     def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised projected [CLS] outputs of the text-only pass [B, D_itc]."""
         self._need_heads()
         out = self.qformer(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
-        return F.normalize(_head(self.text_proj, out.text_output[:, 0]), dim=-1)
+        return heads.project_text(self.text_proj, out.text_output)
 
     def itc_scores(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Contrastive similarity [B_img, B_txt]: max over queries of the cosine similarity (no temperature)."""
         img = self.image_embeds(pixel_values)  # (Bi, Q, D)
         txt = self.text_embeds(input_ids, attention_mask)  # (Bt, D)
-        return torch.einsum("iqd,td->iqt", img, txt).amax(dim=1)
+        return losses.itc_similarity(img, txt)  # (Bi, Bt)
 
     # ---------------------------------------------------------------------------------------- features
     def image_features(self, pixel_values: torch.Tensor) -> Features:
         """Query outputs [B, Q, H] and, with stage-1 heads, their normalised projections [B, Q, D_itc]."""
         q = self.qformer(self.encode_image(pixel_values)).query_output
-        proj = F.normalize(_head(self.vision_proj, q), dim=-1) if self.cfg.stage1_heads else None
+        proj = heads.project_image(self.vision_proj, q) if self.cfg.stage1_heads else None
         return Features(embeds=q, proj=proj)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Features:
         """Text-only Q-Former outputs [B, T, H] and, with stage-1 heads, the normalised [CLS] projection [B, D]."""
         out = self.qformer(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
         t = out.text_output
-        proj = F.normalize(_head(self.text_proj, t[:, 0]), dim=-1) if self.cfg.stage1_heads else None
+        proj = heads.project_text(self.text_proj, t) if self.cfg.stage1_heads else None
         return Features(embeds=t, proj=proj)
 
     def multimodal_features(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
@@ -446,11 +446,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
                            ignore_index=-100)
-
-
-def _head(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a head in its own dtype (the Q-Former stays fp32 in an fp16 model, the heads do not)."""
-    return layer(x.to(layer.weight.dtype))
 
 
 def _batch_len(images) -> int:

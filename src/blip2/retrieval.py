@@ -32,10 +32,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import dist
+from . import dist, heads
+from .losses import itc_similarity
 
 _ITC_BLOCK_ELEMENTS = 2**26  # fp32 elements of one [rows, Q, T] block of the ITC computation (256 MB)
 
@@ -102,22 +102,16 @@ class _Images:
 
 
 # ------------------------------------------------------------------------------------------ model parts
-def _cast(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    # the Q-Former stays fp32 in an fp16 model (as in transformers) while the heads follow the model dtype
-    return x.to(layer.weight.dtype)
-
-
 def _query_embeds(model, feats: torch.Tensor) -> torch.Tensor:
     """Encoder features [B, M, Dv] -> normalised ITC query embeddings [B, Q, D] in fp32."""
     q = model.qformer(feats).query_output  # (B, Q, H): queries-only pass
-    return F.normalize(model.vision_proj(_cast(q, model.vision_proj)).float(), dim=-1)
+    return heads.project_image(model.vision_proj, q, fp32=True)
 
 
 def _text_embeds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Normalised ITC text embeddings [B, D] in fp32 (text-only pass, [CLS] output)."""
     out = model.qformer(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
-    cls = out.text_output[:, 0]  # (B, H)
-    return F.normalize(model.text_proj(_cast(cls, model.text_proj)).float(), dim=-1)
+    return heads.project_text(model.text_proj, out.text_output, fp32=True)  # from [CLS]
 
 
 def _trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +126,7 @@ def _itm_class1(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_m
     """ITM class-1 logit [B] for pairs row by row: feats [B, M, Dv], text [B, L]; itm_head averaged over queries."""
     ids, mask = _trim_padding(input_ids, attention_mask)
     q = model.qformer(feats, input_ids=ids, text_mask=mask, mode="itm").query_output  # (B, Q, H)
-    return model.itm_head(_cast(q, model.itm_head)).float().mean(dim=1)[:, 1]  # (B, Q, 2) -> (B,)
+    return heads.itm_logits(model.itm_head, q, fp32=True)[:, 1]  # (B, 2) -> (B,)
 
 
 def _itc_matrix(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -142,7 +136,7 @@ def _itc_matrix(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     out = torch.empty(N, T, device=img.device)
     rows = max(1, _ITC_BLOCK_ELEMENTS // max(1, Q * T))
     for s in range(0, N, rows):
-        out[s:s + rows] = torch.einsum("iqd,td->iqt", img[s:s + rows], txt).amax(dim=1)  # (rows, Q, T) -> (rows, T)
+        out[s:s + rows] = itc_similarity(img[s:s + rows], txt)  # (rows, T)
     return out
 
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from . import dist, losses
+from . import dist, heads, losses
 from .config import Blip2Config, QFormerConfig, VisionConfig
 from .convert_bert import qformer_config_from_bert
 
@@ -59,11 +58,11 @@ def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, at
     image = model.encode_image(pixel_values)  # (B, M, Dv)
     image_kv = qf.image_kv(image)  # cross-attention keys/values, shared by the ITC and ITM passes
     q_out = qf(image_kv=image_kv, use_cache=True)
-    image_feats = F.normalize(model.vision_proj(q_out.query_output), dim=-1)  # (B, Q, D)
+    image_feats = heads.project_image(model.vision_proj, q_out.query_output)  # (B, Q, D)
 
     # --- text side alone (ITC)
     t_out = qf(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
-    text_feat = F.normalize(model.text_proj(t_out.text_output[:, 0]), dim=-1)  # (B, D) from [CLS]
+    text_feat = heads.project_text(model.text_proj, t_out.text_output)  # (B, D) from [CLS]
 
     itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feat, model.temp, image_ids)
 
@@ -85,7 +84,7 @@ def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, at
     itm_kv = [None if kv is None else (torch.cat([kv[0], nk[0], kv[0]]), torch.cat([kv[1], nk[1], kv[1]]))
               for kv, nk in zip(image_kv, neg_kv)]  # rows: (pos, pos), (pos, neg image), (neg text, pos)
     m_out = qf(image_kv=itm_kv, input_ids=itm_ids, text_mask=itm_mask, mode="itm")
-    itm_logits = model.itm_head(m_out.query_output).mean(dim=1)  # (3B, 2)
+    itm_logits = heads.itm_logits(model.itm_head, m_out.query_output)  # (3B, 2)
     itm = losses.itm_loss(itm_logits)
 
     # --- ITG: [DEC] starts the text; queries' keys/values from the first pass (not detached)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import GenerationConfig
+from ..heads import pair_similarity
 from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE, pad_ids
 from ..qformer_caption import qformer_generate
 from .batching import Job
@@ -257,7 +258,7 @@ class Engine:
                          dev)  # (R, T): right padding, as BERT's absolute positions need
         itm = m.itm_logits(pixels[owner], ids, mask).float().softmax(-1)[:, 1]  # (R,) P(match)
         img = m.image_embeds(pixels)[owner]  # (R, Q, D)
-        itc = torch.einsum("rqd,rd->rq", img, m.text_embeds(ids, mask)).amax(1).float()  # (R,) max over queries
+        itc = pair_similarity(img, m.text_embeds(ids, mask)).float()  # (R,) max over queries
         start = 0
         for job in jobs:
             k = len(job.payload.texts)
