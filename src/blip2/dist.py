@@ -11,6 +11,11 @@ import torch
 import torch.distributed as dist
 
 
+def init_process_group(cuda: bool) -> None:
+    """Start the default process group from torchrun's environment: NCCL on GPUs, Gloo on CPU."""
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

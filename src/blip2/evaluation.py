@@ -217,7 +217,7 @@ def distributed_session(device: str | None = None):
         if cuda:
             device = device or f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(torch.device(device))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(cuda)
     try:
         yield device
     finally:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..dist import init_process_group
 from .config import RunConfig
 
 
@@ -20,8 +21,7 @@ def setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (RANK and WORLD_SIZE set) the process group is created:
     NCCL on GPUs, gloo on CPU."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
+        init_process_group(cuda=torch.cuda.is_available() and cfg.device != "cpu")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if cfg.device:
