@@ -383,8 +383,6 @@ def _int(x) -> int:
 # VisionConfig defaults are EVA ViT-g/14 @224 with 39 blocks; the transformers checkpoints use eps 1e-6 for
 # ln_vision (LAVIS: 1e-5)
 EVA_G = {"ln_vision_eps": 1e-6}
-CLIP_L = {"hidden_size": 1024, "num_layers": 23, "num_heads": 16, "mlp_hidden_size": 4096, "patch_size": 14,
-          "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
 
 _OPT = {"model_type": "opt", "activation_function": "relu", "do_layer_norm_before": True,
         "enable_bias": True, "layer_norm_elementwise_affine": True, "max_position_embeddings": 2048,

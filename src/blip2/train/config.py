@@ -116,7 +116,6 @@ class RunConfig:
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2
     resume: bool = False
-    log_every: int = 1
     val_every: int = 0
     val_max_samples: int = 256
     seed: int = 0
