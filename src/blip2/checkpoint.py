@@ -206,7 +206,7 @@ def read_config(directory: str | Path) -> Blip2Config:
 
 
 # ------------------------------------------------------------------------------------------- state dict
-def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
     """name -> all names of the same tensor (tied weights)."""
     by_id: dict[int, list[str]] = {}
     for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
@@ -217,7 +217,7 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
 def _untie_if_different(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """A file may hold different values for names the model ties (Flan-T5's head vs its embeddings, while
     transformers' T5 config always ties): give each such name its own parameter."""
-    for names in {id(v): v for v in _aliases(model).values()}.values():
+    for names in {id(v): v for v in tied_names(model).values()}.values():
         given = [n for n in names if n in state]
         if len(given) < 2:
             continue
@@ -238,7 +238,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers(remove_duplicate=False)))
     persistent = set(model.state_dict().keys())
-    aliases = _aliases(model)
+    aliases = tied_names(model)
     unexpected = sorted(k for k in state if k not in own)
     mismatched = [f"{k}: file {list(v.shape)} vs model {list(own[k].shape)}"
                   for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]

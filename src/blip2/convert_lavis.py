@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, key_pattern, load_into, read_weights
+from .checkpoint import CheckpointError, key_pattern, load_into, read_weights, tied_names
 from .config import Blip2Config, ConfigError
 from .files import atomic_file
 from .vision import resize_pos_embed
@@ -513,11 +513,7 @@ def _part_status(own: Mapping[str, torch.Tensor], missing: set[str]) -> dict[str
 
 def _missing(model, own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> set[str]:
     """State-dict names not covered by `given`; a tied name counts as given when one of its aliases is."""
-    groups: dict[int, list[str]] = {}
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for n, t in tensors:
-        groups.setdefault(id(t), []).append(n)
-    alias = {n: names for names in groups.values() for n in names}
+    alias = tied_names(model)
     return {k for k in own if k not in given and not any(a in given for a in alias.get(k, ()))}
 
 
