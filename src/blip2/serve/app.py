@@ -14,7 +14,7 @@ bodies and images over the limits), a full queue a 503. Requests run through the
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route annotations (request models, Request),
-# which are imported inside create_app, from the live function objects.
+# which `_web` imports and `_add_task_routes` puts in scope, from the live function objects.
 import asyncio
 import json
 import socket
@@ -23,6 +23,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from types import SimpleNamespace
 
 from ..api import __version__, load
 from .batching import Batcher, Job, QueueFull
@@ -92,20 +93,10 @@ class _BodyLimit:
 
 def create_app(model, settings: ServeSettings | None = None):
     """A FastAPI app serving `model` (a blip2 Blip2Model with its processor attached)."""
-    # deferred: fastapi, starlette and pydantic (the request schemas) are the optional `serve` extra
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.responses import HTMLResponse, Response, StreamingResponse
-
-    from . import schemas as S
-
+    web = _web()
     settings = settings or ServeSettings()
     engine = Engine(model, settings)
     batcher = Batcher(engine.run, settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_pending)
-    page = (files("blip2.serve") / "static" / "index.html").read_text(encoding="utf-8")
-    name, started = settings.model_name, int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -113,15 +104,41 @@ def create_app(model, settings: ServeSettings | None = None):
         yield
         batcher.stop()
 
-    app = FastAPI(title="blip2", version=__version__, lifespan=lifespan)
+    app = web.FastAPI(title="blip2", version=__version__, lifespan=lifespan)
     app.state.engine, app.state.batcher = engine, batcher
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    _add_error_handlers(app, web)
+    _add_info_routes(app, web, engine, batcher, settings.model_name)
+    _add_task_routes(app, web, engine, settings, _Jobs(batcher))
+    return app
+
+
+def _web() -> SimpleNamespace:
+    """The names of the `serve` extra the app is made of, imported when an app is made."""
+    # deferred: fastapi, starlette and pydantic (the request schemas) are the optional `serve` extra
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.responses import HTMLResponse, Response, StreamingResponse
+
+    from . import schemas
 
     def json_response(obj, status: int = 200) -> Response:
         return Response(_dumps(obj), status_code=status, media_type="application/json")
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
+    return SimpleNamespace(FastAPI=FastAPI, Request=Request, RequestValidationError=RequestValidationError,
+                           run_in_threadpool=run_in_threadpool, HTTPException=HTTPException,
+                           HTMLResponse=HTMLResponse, Response=Response, StreamingResponse=StreamingResponse,
+                           schemas=schemas, json=json_response)
+
+
+def _add_error_handlers(app, web: SimpleNamespace) -> None:
+    """Every error as JSON {"error": {...}}: what the client got wrong a 4xx, a bug a 500."""
+    json_response = web.json
+
+    @app.exception_handler(web.RequestValidationError)
+    async def _invalid(request, exc):
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if request.method == "POST" and not (ctype == "application/json" or ctype.endswith("+json")):
             # FastAPI parses JSON only with a JSON content type: a page on another site cannot then post to a
@@ -135,8 +152,8 @@ def create_app(model, settings: ServeSettings | None = None):
         msg = str(first.get("msg", "invalid request"))
         return json_response(_error_body(f"{loc}: {msg}" if loc else msg, 400, "invalid_request"), 400)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request, exc: HTTPException):
+    @app.exception_handler(web.HTTPException)
+    async def _http(request, exc):
         return json_response(_error_body(str(exc.detail), exc.status_code), exc.status_code)
 
     @app.exception_handler(RequestError)
@@ -149,8 +166,14 @@ def create_app(model, settings: ServeSettings | None = None):
         status, body = _error_of(exc)
         return json_response(body, status)
 
-    # ------------------------------------------------------------------------------------------ jobs
-    def submit(job: Job) -> asyncio.Queue:
+
+class _Jobs:
+    """Jobs between the HTTP handlers and the batcher: submitted, awaited, released when nobody waits."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+
+    def submit(self, job: Job) -> asyncio.Queue:
         """Queue the job; its events arrive in the returned asyncio queue."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -162,16 +185,16 @@ def create_app(model, settings: ServeSettings | None = None):
 
         job.emit = emit
         try:
-            batcher.submit(job)
+            self.batcher.submit(job)
         except QueueFull as e:
             raise RequestError(f"the server is busy ({e}); retry later", status=503, code="busy") from None
         return events
 
-    def release(job: Job) -> None:
+    def release(self, job: Job) -> None:
         if not job.settled:
-            batcher.cancel(job)
+            self.batcher.cancel(job)
 
-    async def result_of(request: Request, job: Job, events: asyncio.Queue):
+    async def result_of(self, request, job: Job, events: asyncio.Queue):
         """The job's result; cancels the job (freeing its slot) if the client disconnects while waiting."""
         getter = asyncio.ensure_future(events.get())
         try:
@@ -188,36 +211,46 @@ def create_app(model, settings: ServeSettings | None = None):
                     return None
         finally:
             getter.cancel()
-            release(job)
+            self.release(job)
 
-    class JobStream(StreamingResponse):
+    def stream(self, web: SimpleNamespace, content, job: Job):
         """Server-sent events that cancel their job when the response ends early (client gone)."""
+        release = self.release
 
-        def __init__(self, content, job: Job):
-            super().__init__(content, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            self.job = job
+        class JobStream(web.StreamingResponse):
+            async def __call__(self, scope, receive, send):
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    release(job)
 
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                release(self.job)
+        return JobStream(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    # ---------------------------------------------------------------------------------------- routes
+
+def _add_info_routes(app, web: SimpleNamespace, engine: Engine, batcher: Batcher, name: str) -> None:
+    """GET /, /health and /v1/models."""
+    page = (files("blip2.serve") / "static" / "index.html").read_text(encoding="utf-8")
+    started = int(time.time())
+
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(page)
+        return web.HTMLResponse(page)
 
     @app.get("/health")
     async def health():
-        return json_response({"status": "ok", "model": name, **batcher.stats()})
+        return web.json({"status": "ok", "model": name, **batcher.stats()})
 
     @app.get("/v1/models")
     async def models():
-        return json_response({"object": "list", "data": [
+        return web.json({"object": "list", "data": [
             {"id": name, "object": "model", "created": started, "owned_by": "blip2",
              "architecture": engine.arch, "capabilities": engine.capabilities()}]})
+
+
+def _add_task_routes(app, web: SimpleNamespace, engine: Engine, settings: ServeSettings, jobs: _Jobs) -> None:
+    """POST /v1/chat/completions, /v1/caption and /v1/itm: prepare the job in a thread, batch it, answer."""
+    S, Request, Response, name = web.schemas, web.Request, web.Response, settings.model_name
 
     @app.post("/v1/chat/completions")
     async def chat(body: S.ChatRequest, request: Request):
@@ -230,15 +263,15 @@ def create_app(model, settings: ServeSettings | None = None):
             return engine.generation_job(image, text, body.decoding(), body.new_tokens(settings), body.seed,
                                          body.stream)
 
-        job = await run_in_threadpool(prepare)
-        events = submit(job)
+        job = await web.run_in_threadpool(prepare)
+        events = jobs.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return JobStream(_chat_events(events, rid, created, name, body.n), job)
-        result = await result_of(request, job, events)
+            return jobs.stream(web, _chat_events(events, rid, created, name, body.n), job)
+        result = await jobs.result_of(request, job, events)
         if result is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        return json_response(_chat_completion(result, rid, created, name))
+        return web.json(_chat_completion(result, rid, created, name))
 
     @app.post("/v1/caption")
     async def caption(body: S.CaptionRequest, request: Request):
@@ -247,8 +280,8 @@ def create_app(model, settings: ServeSettings | None = None):
             text = body.prompt.strip() if body.prompt else ""
             return engine.generation_job(image, text, body.decoding(), body.new_tokens(settings), body.seed, False)
 
-        job = await run_in_threadpool(prepare)
-        result = await result_of(request, job, submit(job))
+        job = await web.run_in_threadpool(prepare)
+        result = await jobs.result_of(request, job, jobs.submit(job))
         if result is None:
             return Response(status_code=499)
         out = {"id": f"caption-{uuid.uuid4().hex[:24]}", "object": "caption", "created": int(time.time()),
@@ -256,20 +289,18 @@ def create_app(model, settings: ServeSettings | None = None):
                                            for c in result["choices"]], "usage": _usage(result)}
         if result["seed"] is not None:
             out["seed"] = result["seed"]
-        return json_response(out)
+        return web.json(out)
 
     @app.post("/v1/itm")
     async def itm(body: S.ItmRequest, request: Request):
         def prepare() -> Job:
             return engine.itm_job(S.load_image(body.image, settings), body.texts)
 
-        job = await run_in_threadpool(prepare)
-        result = await result_of(request, job, submit(job))
+        job = await web.run_in_threadpool(prepare)
+        result = await jobs.result_of(request, job, jobs.submit(job))
         if result is None:
             return Response(status_code=499)
-        return json_response({"object": "itm", "model": name, "scores": result["scores"]})
-
-    return app
+        return web.json({"object": "itm", "model": name, "scores": result["scores"]})
 
 
 def _usage(result: dict) -> dict:
