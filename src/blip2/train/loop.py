@@ -66,46 +66,15 @@ def train(cfg: RunConfig) -> dict:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, out_dir / "config.yaml")
-    seed_everything(cfg.seed)  # the same random init on every rank (FSDP shards are not broadcast)
-    model = build_model(cfg, out_dir / ("work" if is_main else f"work-rank{rank}"))
-    seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
     amp_dtype, use_scaler = amp_settings(cfg, device)
-    if amp_dtype is not None:  # frozen towers in reduced precision; trainable weights stay fp32 (master)
-        model.vision.to(amp_dtype)
-        if model.llm is not None:
-            model.llm.to(amp_dtype)
-    model.to(device)
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.train()
-    objective = Objective(model, cfg.stage)
-    ignored: list[str] = []
-    if cfg.fsdp and world > 1 and model.llm is not None:
-        ignored = shard_frozen_llm(model, device)
-    runner = objective
-    if world > 1:
-        if ignored:  # DDP replicates the trainable parts; the sharded frozen LLM is FSDP's
-            ddp_ignore(objective, ignored)
-        runner = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+    model = _model_on_device(cfg, out_dir, rank, device, amp_dtype)
+    runner, ignored = _runner(Objective(model, cfg.stage), cfg, world, device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     data = build_train_data(cfg, model, rank, world)
-
-    start, counters = 0, {"skipped_samples": 0, "bad_steps": 0, "samples": 0}
+    counters = {"skipped_samples": 0, "bad_steps": 0, "samples": 0}
     metrics_path = out_dir / "metrics.jsonl"
-    if cfg.resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is not None:
-            st = load_training_state(ckpt, model, optimizer, scaler)
-            start = st["step"]
-            counters.update(st["extra"]["counters"])
-            data.load_state_dict(st["extra"]["data"])
-            if is_main:
-                _truncate_metrics(metrics_path, start)
-                print(f"resumed from {ckpt} (step {start})")
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()
+    start = _resume(cfg, out_dir, metrics_path, model, optimizer, scaler, data, counters, is_main)
 
     writer = _tensorboard(out_dir) if is_main and cfg.tensorboard else None
     bar = _progress(cfg, start) if is_main else None
@@ -114,31 +83,9 @@ def train(cfg: RunConfig) -> dict:
         lr = lr_at(step, o.lr, o.min_lr, o.warmup_steps, o.warmup_lr, cfg.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        sums: dict[str, float] = {}
-        finite = True
         t0 = time.perf_counter()
-        for micro in range(o.grad_accum):
-            batch = data.next_batch()
-            counters["skipped_samples"] += int(batch.pop("skipped", 0))
-            counters["samples"] += int(batch["pixel_values"].shape[0]) * world
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)  # same on every rank
-            sync = world == 1 or micro == o.grad_accum - 1
-            with (nullcontext() if sync else runner.no_sync()):
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    out = runner(batch, gen)
-                loss = out["loss"]
-                ok = torch.tensor(float(torch.isfinite(loss).all()), device=device)
-                if world > 1:
-                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips together
-                if ok.item() < 1:
-                    finite = False
-                    break
-                scaled = loss / o.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / o.grad_accum
-        if not finite:
+        sums = _accumulate(cfg, runner, data, step, device, world, amp_dtype, scaler, counters)
+        if sums is None:  # a NaN/inf loss on some rank: every rank skips the step
             optimizer.zero_grad(set_to_none=True)
             counters["bad_steps"] += 1
             bad_in_a_row += 1
@@ -147,32 +94,12 @@ def train(cfg: RunConfig) -> dict:
                                       f"lower optim.lr or check the data")
             continue
         bad_in_a_row = 0
-        if scaler:
-            scaler.unscale_(optimizer)
-        if o.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.clip_grad)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:  # log the global mean
-            vals = torch.tensor(list(sums.values()), device=device)
-            dist.all_reduce(vals)
-            sums = dict(zip(sums, (vals / world).tolist()))
+        _optimizer_step(model, optimizer, scaler, o.clip_grad)
+        sums = _global_mean(sums, world, device)
         if is_main:
             row = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
                    "step_time": round(time.perf_counter() - t0, 4)}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}", v, step + 1)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
+            _log(row, sums["loss"], metrics_path, writer, bar)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
             _save(cfg, out_dir, step + 1, model, optimizer, scaler, data, counters, is_main)
         if cfg.val_every and (step + 1) % cfg.val_every == 0:
@@ -181,19 +108,11 @@ def train(cfg: RunConfig) -> dict:
         bar.close()
 
     _save(cfg, out_dir, cfg.max_steps, model, optimizer, scaler, data, counters, is_main)
-    full_state = None
-    if ignored:  # export needs the whole LLM weights
-        full_state = full_state_dict(model)
+    full_state = full_state_dict(model) if ignored else None  # export needs the whole LLM weights
     summary = {"steps": cfg.max_steps, **counters, "wall_time_s": round(time.perf_counter() - t_start, 2),
                "world_size": world}
     if is_main:
-        model.eval()
-        if cfg.stage == "stage0":  # the image encoder alone, for the next stages' model.vit_path
-            model.export(out_dir / "model")
-        else:
-            save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
-            save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _export(cfg, model, out_dir, full_state, summary)
         if cfg.plots:
             _plot(metrics_path, out_dir / "loss.png")
         if writer is not None:
@@ -203,6 +122,133 @@ def train(cfg: RunConfig) -> dict:
     if world > 1:
         dist.barrier()
     return summary
+
+
+def _model_on_device(cfg: RunConfig, out_dir: Path, rank: int, device: torch.device, amp_dtype):
+    """The run's model, in training mode on `device`; frozen towers in reduced precision, trainable weights fp32."""
+    seed_everything(cfg.seed)  # the same random init on every rank (FSDP shards are not broadcast)
+    model = build_model(cfg, out_dir / ("work" if rank == 0 else f"work-rank{rank}"))
+    seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
+    if amp_dtype is not None:  # frozen towers in reduced precision; trainable weights stay fp32 (master)
+        model.vision.to(amp_dtype)
+        if model.llm is not None:
+            model.llm.to(amp_dtype)
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.train()
+    return model
+
+
+def _runner(objective: Objective, cfg: RunConfig, world: int, device: torch.device):
+    """(what a step calls: the objective, DDP-wrapped in several processes; the names FSDP shards)."""
+    model = objective.model
+    ignored: list[str] = []
+    if cfg.fsdp and world > 1 and model.llm is not None:
+        ignored = shard_frozen_llm(model, device)
+    if world == 1:
+        return objective, ignored
+    if ignored:  # DDP replicates the trainable parts; the sharded frozen LLM is FSDP's
+        ddp_ignore(objective, ignored)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+    return ddp, ignored
+
+
+def _resume(cfg: RunConfig, out_dir: Path, metrics_path: Path, model, optimizer, scaler, data, counters: dict,
+            is_main: bool) -> int:
+    """The step to start from: the latest checkpoint's (restoring model, optimiser, data and counters) with
+    cfg.resume, else 0 (a fresh run's metrics file starts empty)."""
+    if not cfg.resume:
+        if is_main and metrics_path.exists():
+            metrics_path.unlink()
+        return 0
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return 0
+    st = load_training_state(ckpt, model, optimizer, scaler)
+    counters.update(st["extra"]["counters"])
+    data.load_state_dict(st["extra"]["data"])
+    if is_main:
+        _truncate_metrics(metrics_path, st["step"])
+        print(f"resumed from {ckpt} (step {st['step']})")
+    return st["step"]
+
+
+def _accumulate(cfg: RunConfig, runner, data, step: int, device: torch.device, world: int, amp_dtype, scaler,
+                counters: dict) -> dict | None:
+    """Forward and backward over optim.grad_accum micro-batches: the step's mean losses by name, or None when a
+    loss is not finite on any rank (the gradients are then partial and must be dropped)."""
+    o = cfg.optim
+    sums: dict[str, float] = {}
+    for micro in range(o.grad_accum):
+        batch = data.next_batch()
+        counters["skipped_samples"] += int(batch.pop("skipped", 0))
+        counters["samples"] += int(batch["pixel_values"].shape[0]) * world
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)  # same on every rank
+        sync = world == 1 or micro == o.grad_accum - 1
+        with (nullcontext() if sync else runner.no_sync()):
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                out = runner(batch, gen)
+            loss = out["loss"]
+            ok = torch.tensor(float(torch.isfinite(loss).all()), device=device)
+            if world > 1:
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips together
+            if ok.item() < 1:
+                return None
+            scaled = loss / o.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) / o.grad_accum
+    return sums
+
+
+def _optimizer_step(model, optimizer, scaler, clip_grad: float | None) -> None:
+    """Unscale, clip the trainable gradients' norm, step, zero the gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _global_mean(sums: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """The losses averaged over the processes (what is logged)."""
+    if world == 1:
+        return sums
+    vals = torch.tensor(list(sums.values()), device=device)
+    dist.all_reduce(vals)
+    return dict(zip(sums, (vals / world).tolist()))
+
+
+def _log(row: dict, loss: float, metrics_path: Path, writer, bar) -> None:
+    """One step's row to metrics.jsonl, TensorBoard and the progress bar."""
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for k, v in row.items():
+            if k != "step":
+                writer.add_scalar(f"train/{k}", v, row["step"])
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
+
+
+def _export(cfg: RunConfig, model, out_dir: Path, full_state, summary: dict) -> None:
+    """The trained model (transformers format + LAVIS layout; stage 0: the image encoder) and summary.json."""
+    model.eval()
+    if cfg.stage == "stage0":  # the image encoder alone, for the next stages' model.vit_path
+        model.export(out_dir / "model")
+    else:
+        save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
+        save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _save(cfg, out_dir, step, model, optimizer, scaler, data, counters, is_main) -> None:
