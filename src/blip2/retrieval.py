@@ -158,17 +158,7 @@ def score_matrix(model, pixel_values, input_ids: torch.Tensor, attention_mask: t
     Under torch.distributed every process passes the whole gallery; the work is split across processes and every
     process gets the full matrices.
     """
-    if not getattr(model.cfg, "stage1_heads", False):
-        raise ValueError("score_matrix needs a model with stage-1 heads (vision_proj, text_proj, itm_head): load a "
-                         "Blip2ForImageTextRetrieval or stage-1 checkpoint")
-    if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [N_txt, L], got {list(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}")
+    attention_mask = _checked_mask(model, input_ids, attention_mask, k, batch_size)
     images = _Images(pixel_values, batch_size)
     if images.one_shot and not cache_image_features:
         raise ValueError("pixel_values is a one-shot iterator but the gallery is walked twice: pass a list, a "
@@ -180,81 +170,117 @@ def score_matrix(model, pixel_values, input_ids: torch.Tensor, attention_mask: t
     model.eval()
     try:
         ids, mask = input_ids.to(device), attention_mask.to(device)
-        n_txt = ids.shape[0]
-
         # 1. text embeddings [T, D], all on every process
         txt = torch.cat([_text_embeds(model, ids[s:s + batch_size], mask[s:s + batch_size])
-                         for s in tqdm(range(0, n_txt, batch_size), desc="retrieval: texts", disable=quiet)])
-
-        # 2. image pass 1: query embeddings of this process's batches, then summed into [N, Q, D] everywhere
-        own: list[tuple[int, int, torch.Tensor | None]] = []  # (offset, size, cached features or None)
-        embeds: list[tuple[int, torch.Tensor]] = []
-        n_img = 0
-        for offset, n, x in tqdm(images.walk(rank, world), total=images.num_batches,
-                                 desc="retrieval: images", disable=quiet):
-            n_img = offset + n
-            if x is None:
-                continue
-            feats = model.encode_image(x.to(device))  # (n, M, Dv) in the model dtype
-            embeds.append((offset, _query_embeds(model, feats)))
-            own.append((offset, n, feats if cache_image_features else None))
-        if n_img == 0 or n_txt == 0:
-            raise ValueError(f"score_matrix needs at least one image and one text, got {n_img} and {n_txt}")
-        _check_same_sizes(n_img, n_txt, device)
-        img = torch.zeros(n_img, model.num_query_tokens, txt.shape[1], device=device)
-        for offset, e in embeds:
-            img[offset:offset + e.shape[0]] = e
-        dist.all_reduce_(img, "sum")  # each row is non-zero on exactly one process
-        del embeds
-
+                         for s in tqdm(range(0, ids.shape[0], batch_size), desc="retrieval: texts", disable=quiet)])
+        # 2. image pass 1: query embeddings [N, Q, D] everywhere; this process's batches (features if cached)
+        img, own = _gallery_query_embeds(model, images, txt, cache_image_features, quiet)
         # 3. ITC and the candidates of every row
         itc = _itc_matrix(img, txt)  # (N, T)
-        top_txt = itc.topk(min(k, n_txt), dim=1).indices  # (N, k): candidate texts of each image
-        top_img = itc.t().topk(min(k, n_img), dim=1).indices  # (T, k): candidate images of each text
-        # the text->image pairs sorted by image, so each image batch finds its pairs with a binary search
-        t2i_img, order = top_img.flatten().sort(stable=True)
-        t2i_txt = torch.arange(n_txt, device=device).repeat_interleave(top_img.shape[1])[order]
-
-        def pairs(offset: int, n: int):
-            """This batch's pairs as codes local_image * T + text: i2t pairs, t2i pairs and their union."""
-            rows = top_txt[offset:offset + n]  # (n, k)
-            a = torch.arange(n, device=device).repeat_interleave(rows.shape[1]) * n_txt + rows.flatten()
-            lo, hi = torch.searchsorted(t2i_img, torch.tensor([offset, offset + n], device=device)).tolist()
-            b = (t2i_img[lo:hi] - offset) * n_txt + t2i_txt[lo:hi]
-            union, inverse = torch.cat([a, b]).unique(return_inverse=True)  # sorted: grouped by image
-            return a, b, union, inverse
-
-        plan = {(offset, n): pairs(offset, n) for offset, n, _ in own}
-        i2t = torch.full((n_img, n_txt), -torch.inf, device=device)
-        t2i = torch.full((n_txt, n_img), -torch.inf, device=device)
-
+        plan = _pair_plan(itc, k, own)
         # 4. image pass 2: ITM for the union of pairs of each own batch, features recomputed (or cached)
-        bar = tqdm(total=sum(p[2].numel() for p in plan.values()), desc="retrieval: ITM pairs", disable=quiet)
         if cache_image_features:
             batches = ((offset, n, feats) for offset, n, feats in own)
         else:
             batches = ((offset, n, model.encode_image(x.to(device))) for offset, n, x in images.walk(rank, world)
                        if x is not None)
-        for offset, n, feats in batches:
-            if (offset, n) not in plan:
-                raise ValueError("pixel_values gave different batches on its second walk; it must yield the same "
-                                 "images in the same order every time (no shuffling), or use cache_image_features")
-            a, b, union, inverse = plan[(offset, n)]
-            scores = torch.empty(union.numel(), device=device)
-            for s in range(0, union.numel(), batch_size):
-                codes = union[s:s + batch_size]
-                img_local, txt_idx = codes // n_txt, codes % n_txt
-                scores[s:s + batch_size] = _itm_class1(model, feats[img_local], ids[txt_idx], mask[txt_idx])
-                bar.update(codes.numel())
-            gi, tj = a // n_txt + offset, a % n_txt  # image->text pairs (global image, text)
-            i2t[gi, tj] = scores[inverse[:a.numel()]] + itc[gi, tj]
-            gi, tj = b // n_txt + offset, b % n_txt  # text->image pairs
-            t2i[tj, gi] = scores[inverse[a.numel():]] + itc[gi, tj]
-        bar.close()
-
+        i2t, t2i = _rerank(model, batches, plan, itc, ids, mask, batch_size, quiet)
         # 5. every entry was scored by one process: MAX gives all processes the full matrices
         dist.all_reduce_(i2t, "max")
         dist.all_reduce_(t2i, "max")
         return i2t.cpu(), t2i.cpu()
     finally:
         model.train(was_training)
+
+
+def _checked_mask(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, k: int,
+                  batch_size: int) -> torch.Tensor:
+    """score_matrix's arguments checked; the attention mask (all ones when not given)."""
+    if not getattr(model.cfg, "stage1_heads", False):
+        raise ValueError("score_matrix needs a model with stage-1 heads (vision_proj, text_proj, itm_head): load a "
+                         "Blip2ForImageTextRetrieval or stage-1 checkpoint")
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [N_txt, L], got {list(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}")
+    return attention_mask
+
+
+def _gallery_query_embeds(model, images: _Images, txt: torch.Tensor, cache_image_features: bool, quiet: bool):
+    """(query embeddings [N, Q, D] of the whole gallery on every process, this process's batches as
+    (offset, size, encoder features if cached else None))."""
+    rank, world, device = dist.rank(), dist.world_size(), model.device
+    own: list[tuple[int, int, torch.Tensor | None]] = []
+    embeds: list[tuple[int, torch.Tensor]] = []
+    n_img = 0
+    for offset, n, x in tqdm(images.walk(rank, world), total=images.num_batches,
+                             desc="retrieval: images", disable=quiet):
+        n_img = offset + n
+        if x is None:
+            continue
+        feats = model.encode_image(x.to(device))  # (n, M, Dv) in the model dtype
+        embeds.append((offset, _query_embeds(model, feats)))
+        own.append((offset, n, feats if cache_image_features else None))
+    n_txt = txt.shape[0]
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f"score_matrix needs at least one image and one text, got {n_img} and {n_txt}")
+    _check_same_sizes(n_img, n_txt, device)
+    img = torch.zeros(n_img, model.num_query_tokens, txt.shape[1], device=device)
+    for offset, e in embeds:
+        img[offset:offset + e.shape[0]] = e
+    dist.all_reduce_(img, "sum")  # each row is non-zero on exactly one process
+    return img, own
+
+
+def _pair_plan(itc: torch.Tensor, k: int, own: list) -> dict:
+    """{(offset, size): (i2t codes, t2i codes, their union, inverse)} for each own image batch: the pairs to score
+    with ITM, coded local_image * T + text (the union sorted, so grouped by image)."""
+    n_img, n_txt = itc.shape
+    device = itc.device
+    top_txt = itc.topk(min(k, n_txt), dim=1).indices  # (N, k): candidate texts of each image
+    top_img = itc.t().topk(min(k, n_img), dim=1).indices  # (T, k): candidate images of each text
+    # the text->image pairs sorted by image, so each image batch finds its pairs with a binary search
+    t2i_img, order = top_img.flatten().sort(stable=True)
+    t2i_txt = torch.arange(n_txt, device=device).repeat_interleave(top_img.shape[1])[order]
+
+    def pairs(offset: int, n: int):
+        rows = top_txt[offset:offset + n]  # (n, k)
+        a = torch.arange(n, device=device).repeat_interleave(rows.shape[1]) * n_txt + rows.flatten()
+        lo, hi = torch.searchsorted(t2i_img, torch.tensor([offset, offset + n], device=device)).tolist()
+        b = (t2i_img[lo:hi] - offset) * n_txt + t2i_txt[lo:hi]
+        union, inverse = torch.cat([a, b]).unique(return_inverse=True)  # sorted: grouped by image
+        return a, b, union, inverse
+
+    return {(offset, n): pairs(offset, n) for offset, n, _ in own}
+
+
+def _rerank(model, batches, plan: dict, itc: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, batch_size: int,
+            quiet: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t [N, T], t2i [T, N]): ITM class-1 logit + ITC for the planned pairs of each (offset, size, features)
+    batch, -inf elsewhere."""
+    n_img, n_txt = itc.shape
+    device = itc.device
+    i2t = torch.full((n_img, n_txt), -torch.inf, device=device)
+    t2i = torch.full((n_txt, n_img), -torch.inf, device=device)
+    bar = tqdm(total=sum(p[2].numel() for p in plan.values()), desc="retrieval: ITM pairs", disable=quiet)
+    for offset, n, feats in batches:
+        if (offset, n) not in plan:
+            raise ValueError("pixel_values gave different batches on its second walk; it must yield the same "
+                             "images in the same order every time (no shuffling), or use cache_image_features")
+        a, b, union, inverse = plan[(offset, n)]
+        scores = torch.empty(union.numel(), device=device)
+        for s in range(0, union.numel(), batch_size):
+            codes = union[s:s + batch_size]
+            img_local, txt_idx = codes // n_txt, codes % n_txt
+            scores[s:s + batch_size] = _itm_class1(model, feats[img_local], ids[txt_idx], mask[txt_idx])
+            bar.update(codes.numel())
+        gi, tj = a // n_txt + offset, a % n_txt  # image->text pairs (global image, text)
+        i2t[gi, tj] = scores[inverse[:a.numel()]] + itc[gi, tj]
+        gi, tj = b // n_txt + offset, b % n_txt  # text->image pairs
+        t2i[tj, gi] = scores[inverse[a.numel():]] + itc[gi, tj]
+    bar.close()
+    return i2t, t2i
