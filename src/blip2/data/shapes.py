@@ -427,57 +427,16 @@ def write_world(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_te
     image_id = 0  # unique over the whole world
     for split_index, split in enumerate(SPLITS):
         tasks = [t for t in TASKS if split != "train" or t in held_in]
-        families = [f for f in FAMILIES if f in tasks]
-        scenes, caps, instruct = [], [], []
-        vqa: dict[str, list] = {f: [] for f in families}
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(counts[split]):
-            # separate streams: the scene must not change when the language generation does
-            scene = _scene_in_split(np.random.default_rng([int(seed), split_index, i, 0]), split)
-            rng = np.random.default_rng([int(seed), split_index, i, 1])
-            image = f"images/{split}/{i:06d}.png"
-            render(scene, image_size).save(root / image)
-            key = scene_key(scene)
-            scenes.append({"image": image, "image_id": image_id, "key": key, **scene.to_dict()})
-            texts = captions(scene, rng)
-            caps.append({"image": image, "image_id": image_id, "caption": texts, "scene_key": key})
-            if "caption" in tasks:
-                instruct.append({"image": image, "image_id": image_id, "instruction": _pick(rng, CAPTION_TEMPLATES),
-                                 "answer": _pick(rng, texts), "task": "caption"})
-            for q in questions(scene, rng, families):
-                fam, answer = q["family"], q["answer"]
-                vqa[fam].append({"image": image, "image_id": image_id, "question_id": len(vqa[fam]),
-                                 "question": q["question"], "answer": [answer], "question_type": fam,
-                                 "answer_type": answer_type(fam, answer)})
-                instruct.append({"image": image, "image_id": image_id, "task": fam, "answer": answer,
-                                 "instruction": _pick(rng, VQA_TEMPLATES).format(Question=q["question"])})
-            image_id += 1
-        # one file of the held-in families' questions (for validation), the families interleaved so that
-        # its first N entries cover every family
-        rows = sorted(((i, k, r) for k, f in enumerate(f for f in families if f in held_in)
-                       for i, r in enumerate(vqa[f])), key=lambda t: (t[0], t[1]))
-        held_in_vqa = [{**r, "question_id": n} for n, (_, _, r) in enumerate(rows)]
-        for name, rel, data in ((f"scenes_{split}", f"scenes/{split}.json", scenes),
-                                (f"vqa_{split}_held_in", f"vqa/{split}_held_in.json", held_in_vqa),
-                                (f"captions_{split}", f"captions/{split}.json", caps),
-                                (f"instruct_{split}", f"instruct/{split}.json", instruct),
-                                *((f"vqa_{split}_{f}", f"vqa/{split}_{f}.json", vqa[f]) for f in families)):
-            _dump(root / rel, data)
-            files[name] = rel
+        rows = _split_rows(root, split, split_index, counts[split], int(seed), image_size, tasks, image_id)
+        image_id += counts[split]
+        files.update(_write_split(root, split, rows, held_in))
+        scenes, caps, instruct, vqa = rows
         stats[split] = {"images": counts[split], "instruct": len(instruct),
                         "vqa": {f: len(v) for f, v in vqa.items()},
                         "yes_fraction": {f: round(yes.count(["yes"]) / len(yes), 4) for f, v in vqa.items()
                                          if (yes := [r["answer"] for r in v if r["answer_type"] == "yes/no"])}}
-
-    def shard_samples():  # one sample per training image; its text is one of its captions, all are in the json
-        for c in json.loads((root / files["captions_train"]).read_text()):
-            text = _pick(np.random.default_rng([int(seed), 0, c["image_id"], 2]), c["caption"])
-            with Image.open(root / c["image"]) as img:
-                yield {"image": img.convert("RGB"), "text": text, "key": f"{c['image_id']:09d}",
-                       "json": {"key": f"{c['image_id']:09d}", "caption": text, "captions": c["caption"],
-                                "image_id": c["image_id"], "scene_key": c["scene_key"]}}
-
-    shards = write_shards(shard_samples(), root / "shards", per_shard=int(per_shard), prefix="train")
+    shards = write_shards(_shard_samples(root, files["captions_train"], int(seed)), root / "shards",
+                          per_shard=int(per_shard), prefix="train")
     files["shards"] = [str(Path(p).relative_to(root)) for p in shards]
     manifest = {"format": "blip2-shapes/1", "params": params, "families": list(FAMILIES), "tasks": list(TASKS),
                 "held_in": list(held_in), "held_out": list(held_out), "split_rule": SPLIT_RULE,
@@ -488,6 +447,67 @@ def write_world(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_te
     _dump(root / "world.json", manifest)
     marker.write_text(json.dumps(params))  # last: a world without it is incomplete and is written again
     return _absolute(root, files)
+
+
+def _split_rows(root: Path, split: str, split_index: int, count: int, seed: int, image_size: int,
+                tasks: list[str], first_image_id: int) -> tuple[list, list, list, dict[str, list]]:
+    """Render the split's images and return its rows: (scenes, captions, instructions, {family: VQA rows})."""
+    families = [f for f in FAMILIES if f in tasks]
+    scenes, caps, instruct = [], [], []
+    vqa: dict[str, list] = {f: [] for f in families}
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image_id = first_image_id + i
+        # separate streams: the scene must not change when the language generation does
+        scene = _scene_in_split(np.random.default_rng([seed, split_index, i, 0]), split)
+        rng = np.random.default_rng([seed, split_index, i, 1])
+        image = f"images/{split}/{i:06d}.png"
+        render(scene, image_size).save(root / image)
+        key = scene_key(scene)
+        scenes.append({"image": image, "image_id": image_id, "key": key, **scene.to_dict()})
+        texts = captions(scene, rng)
+        caps.append({"image": image, "image_id": image_id, "caption": texts, "scene_key": key})
+        if "caption" in tasks:
+            instruct.append({"image": image, "image_id": image_id, "instruction": _pick(rng, CAPTION_TEMPLATES),
+                             "answer": _pick(rng, texts), "task": "caption"})
+        for q in questions(scene, rng, families):
+            fam, answer = q["family"], q["answer"]
+            vqa[fam].append({"image": image, "image_id": image_id, "question_id": len(vqa[fam]),
+                             "question": q["question"], "answer": [answer], "question_type": fam,
+                             "answer_type": answer_type(fam, answer)})
+            instruct.append({"image": image, "image_id": image_id, "task": fam, "answer": answer,
+                             "instruction": _pick(rng, VQA_TEMPLATES).format(Question=q["question"])})
+    return scenes, caps, instruct, vqa
+
+
+def _write_split(root: Path, split: str, rows: tuple, held_in: Sequence[str]) -> dict[str, str]:
+    """Write the split's JSON files; returns {name: path relative to root}."""
+    scenes, caps, instruct, vqa = rows
+    families = list(vqa)
+    # one file of the held-in families' questions (for validation), the families interleaved so that
+    # its first N entries cover every family
+    order = sorted(((i, k, r) for k, f in enumerate(f for f in families if f in held_in)
+                    for i, r in enumerate(vqa[f])), key=lambda t: (t[0], t[1]))
+    held_in_vqa = [{**r, "question_id": n} for n, (_, _, r) in enumerate(order)]
+    files = {}
+    for name, rel, data in ((f"scenes_{split}", f"scenes/{split}.json", scenes),
+                            (f"vqa_{split}_held_in", f"vqa/{split}_held_in.json", held_in_vqa),
+                            (f"captions_{split}", f"captions/{split}.json", caps),
+                            (f"instruct_{split}", f"instruct/{split}.json", instruct),
+                            *((f"vqa_{split}_{f}", f"vqa/{split}_{f}.json", vqa[f]) for f in families)):
+        _dump(root / rel, data)
+        files[name] = rel
+    return files
+
+
+def _shard_samples(root: Path, captions_file: str, seed: int):
+    """One shard sample per training image; its text is one of its captions (all are in the json)."""
+    for c in json.loads((root / captions_file).read_text()):
+        text = _pick(np.random.default_rng([seed, 0, c["image_id"], 2]), c["caption"])
+        with Image.open(root / c["image"]) as img:
+            yield {"image": img.convert("RGB"), "text": text, "key": f"{c['image_id']:09d}",
+                   "json": {"key": f"{c['image_id']:09d}", "caption": text, "captions": c["caption"],
+                            "image_id": c["image_id"], "scene_key": c["scene_key"]}}
 
 
 # -------------------------------------------------------------------------------------------------- scoring
