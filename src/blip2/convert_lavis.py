@@ -452,33 +452,14 @@ def fill_from_lavis(model, ckpt: LavisCheckpoint, llm=None, strict: bool = True)
             ours[k], origin[k] = v, f"{llm_source}:{k.removeprefix('llm.')}"
 
     own = model.state_dict()
-    pe = ours.get("vision.pos_embed")
-    if pe is not None and "vision.pos_embed" in own and pe.shape != own["vision.pos_embed"].shape \
-            and pe.shape[-1] == own["vision.pos_embed"].shape[-1]:
-        ours["vision.pos_embed"] = _resize_pos_embed(pe, own["vision.pos_embed"].shape[1] - 1)
-        notes.append(f"vision.pos_embed resized from {pe.shape[1]} to {own['vision.pos_embed'].shape[1]} "
-                     f"positions (image size {cfg.vision.image_size})")
-
-    # ---- checks: keys with no place, shapes, what stays random
+    _fit_pos_embed(ours, own, cfg, notes)
     unknown += [origin.get(k, k) for k in ours if k not in own]
-    mismatched = [f"{origin.get(k, k)} {list(v.shape)} vs model {k} {list(own[k].shape)}"
-                  for k, v in ours.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if mismatched:
-        raise CheckpointError(f"{path}: shape mismatch for {len(mismatched)} weight(s) (wrong config?): "
-                              f"{_short(mismatched)}")
-    if unknown and strict:
-        raise CheckpointError(f"{path}: {len(unknown)} weight(s) with no place in a {cfg.architecture} model "
-                              f"(strict=False skips them): {_short(unknown)}")
+    _check_keys(path, cfg, ours, own, origin, unknown, strict)
     ours = {k: v for k, v in ours.items() if k in own}
     missing = _missing(model, own, ours)
     status = _part_status(own, missing)
     if strict:
-        bad = [(p, s) for p, s in status.items()
-               if isinstance(s, list) or (s == "random" and p not in OPTIONAL_PARTS)]
-        if bad:
-            lines = [f"{p}: " + ("no weights at all" if s == "random" else f"missing {_short(s, 6)}") for p, s in bad]
-            raise CheckpointError(f"{path}: weights missing for the model's parts ({'; '.join(lines)}); check the "
-                                  f"config or pass strict=False to keep them random")
+        _check_parts(path, status)
 
     load_into(model, ours, str(path), allow_missing=missing)
     random = [p for p, s in status.items() if s == "random"]
@@ -490,6 +471,44 @@ def fill_from_lavis(model, ckpt: LavisCheckpoint, llm=None, strict: bool = True)
         "config_changes": ckpt.changes, "ignored": ckpt.ignored, "unknown": unknown if not strict else [],
         "notes": notes,
     }
+    _warn_left_out(path, status, unknown)
+
+
+def _fit_pos_embed(ours: dict, own: Mapping[str, torch.Tensor], cfg: Blip2Config, notes: list[str]) -> None:
+    """A ViT position table trained at another image size is resized to the model's (noted)."""
+    pe = ours.get("vision.pos_embed")
+    if pe is not None and "vision.pos_embed" in own and pe.shape != own["vision.pos_embed"].shape \
+            and pe.shape[-1] == own["vision.pos_embed"].shape[-1]:
+        ours["vision.pos_embed"] = _resize_pos_embed(pe, own["vision.pos_embed"].shape[1] - 1)
+        notes.append(f"vision.pos_embed resized from {pe.shape[1]} to {own['vision.pos_embed'].shape[1]} "
+                     f"positions (image size {cfg.vision.image_size})")
+
+
+def _check_keys(path, cfg: Blip2Config, ours: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                origin: Mapping[str, str], unknown: list[str], strict: bool) -> None:
+    """Shapes must match; with strict, every key must have a place in the model."""
+    mismatched = [f"{origin.get(k, k)} {list(v.shape)} vs model {k} {list(own[k].shape)}"
+                  for k, v in ours.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise CheckpointError(f"{path}: shape mismatch for {len(mismatched)} weight(s) (wrong config?): "
+                              f"{_short(mismatched)}")
+    if unknown and strict:
+        raise CheckpointError(f"{path}: {len(unknown)} weight(s) with no place in a {cfg.architecture} model "
+                              f"(strict=False skips them): {_short(unknown)}")
+
+
+def _check_parts(path, status: dict[str, str | list[str]]) -> None:
+    """strict: a part may stay random only if it is optional (ViT, LLM, projection), and none partly."""
+    bad = [(p, s) for p, s in status.items() if isinstance(s, list) or (s == "random" and p not in OPTIONAL_PARTS)]
+    if bad:
+        lines = [f"{p}: " + ("no weights at all" if s == "random" else f"missing {_short(s, 6)}") for p, s in bad]
+        raise CheckpointError(f"{path}: weights missing for the model's parts ({'; '.join(lines)}); check the "
+                              f"config or pass strict=False to keep them random")
+
+
+def _warn_left_out(path, status: dict[str, str | list[str]], unknown: list[str]) -> None:
+    """A warning naming the parts left random (with how to fill them) and one for the skipped keys."""
+    random = [p for p, s in status.items() if s == "random"]
     left = random + [f"{p} (partly)" for p, s in status.items() if isinstance(s, list)]
     if left:
         hints = {"vision": "pass vit='eva_vit_g.pth'", "llm": "pass llm=<LLM weights>",
