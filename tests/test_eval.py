@@ -13,7 +13,8 @@ import torch
 
 import blip2
 from blip2 import cli, evaluation
-from blip2.evaluation import choice_scores, rank_choices, read_caption_data, read_choice_data, read_vqa_data
+from blip2.annotations import read_caption_data, read_choice_data, read_vqa_data
+from blip2.evaluation import choice_scores, rank_choices
 from fixtures import make_bert_tokenizer, sample_image
 from hf_models import NUM_QUERY, checkpoint_with_processor, retrieval_hf
 

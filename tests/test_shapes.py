@@ -282,7 +282,7 @@ def test_idempotent(worlds):
 
 
 def test_read_by_training_datasets(worlds):
-    from blip2.evaluation import read_vqa_data
+    from blip2.annotations import read_vqa_data
     from blip2.train.data import CaptionDataset, InstructionDataset, ShardDataset, VQADataset
 
     a = worlds[0]

@@ -1,5 +1,5 @@
-"""Benchmark evaluation (BLIP-2 paper §4; docs/architecture.md §2): annotation readers, task runners,
-multiple-choice ranking, result files.
+"""Benchmark evaluation (BLIP-2 paper §4; docs/architecture.md §2): task runners on the items of
+blip2.annotations, multiple-choice ranking, result files.
 
     report = evaluate("vqa", model, ["questions.json", "annotations.json"], "images/", output="runs/eval/vqa")
 
@@ -24,7 +24,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist, metrics
+from .annotations import READERS, as_list
 from .processing import VQA_TEMPLATE, pad_ids, pre_caption
 from .retrieval import score_matrix
 
@@ -48,153 +49,6 @@ def generation_defaults(task: str, is_encoder_decoder: bool) -> dict:
         return {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1,
                 "length_penalty": -1.0 if is_encoder_decoder else 0.0}
     return {}
-
-
-# ----------------------------------------------------------------------------------------- annotation files
-def _read_json(path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def _as_list(x) -> list:
-    return [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else []
-
-
-def _split(rows: list[dict], root: Path) -> tuple[list[dict], list[dict]]:
-    """Rows -> (items, skipped). A row's "problem" (set by the reader) or a duplicate id makes it skipped; every
-    item gets its position in the file ("index") and its image path under `root`."""
-    items, skipped, seen = [], [], set()
-    for i, row in enumerate(rows):
-        problem = row.pop("problem", None)
-        if problem is None and not isinstance(row.get("image"), str):
-            problem = "no image file name"
-        if problem is None and row["id"] in seen:
-            problem = f"duplicate id {row['id']!r}"
-        row["index"] = i
-        if problem is None:
-            seen.add(row["id"])
-            row["image"] = str(root / row["image"])
-            items.append(row)
-        else:
-            skipped.append({"index": i, "id": row.get("id"), "image": row.get("image"), "reason": problem})
-    return items, skipped
-
-
-def _entries(data, path, what: str) -> list[dict]:
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of {what} entries, got {type(data).__name__}")
-    return [e if isinstance(e, dict) else {"problem": f"entry is not an object: {e!r:.60}"} for e in data]
-
-
-def _caption_rows(entries: list[dict], field: str) -> list[dict]:
-    """{"id", "image", field: the entry's non-empty captions}, with a problem when there are none."""
-    rows = []
-    for i, e in enumerate(entries):
-        caps = [c for c in _as_list(e.get("caption", e.get("captions"))) if isinstance(c, str) and c.strip()]
-        row = {"id": e.get("image_id", e.get("id", i)), "image": e.get("image"), field: caps}
-        if "problem" in e or not caps:
-            row["problem"] = e.get("problem", "no reference captions" if field == "references" else "no captions")
-        rows.append(row)
-    return rows
-
-
-def read_caption_data(path, root) -> tuple[list[dict], list[dict]]:
-    """Items {"id", "image", "references"}."""
-    data = _read_json(path)
-    if isinstance(data, dict) and "annotations" in data:  # COCO: references grouped by image id
-        refs: dict = {}
-        for a in data["annotations"]:
-            refs.setdefault(a.get("image_id"), []).append(a.get("caption"))
-        entries = [{"id": im.get("id"), "image": im.get("file_name"), "caption": refs.get(im.get("id"), [])}
-                   for im in data.get("images", []) if isinstance(im, dict)]
-    elif isinstance(data, list):
-        entries = _entries(data, path, "caption")
-    else:
-        raise ValueError(f"{path}: not a caption file: expected COCO-style {{'images', 'annotations'}} or a list "
-                         f"of {{'image', 'caption'}}")
-    return _split(_caption_rows(entries, "references"), Path(root))
-
-
-def _vqa_row(qid, image, question, answers, qtype=None, atype=None, problem=None) -> dict:
-    row = {"id": qid, "image": image, "question": question, "answers": answers, "question_type": qtype,
-           "answer_type": atype}
-    if problem is not None:
-        row["problem"] = problem
-    elif not isinstance(question, str) or not question.strip():
-        row["problem"] = "no question"
-    elif not answers or not all(isinstance(a, str) for a in answers):
-        row["problem"] = "empty answer list" if not answers else "answers must be strings"
-    return row
-
-
-def read_vqa_data(paths: Sequence, root) -> tuple[list[dict], list[dict]]:
-    """Items {"id", "image", "question", "answers", "question_type", "answer_type"}. `paths`: the VQAv2
-    questions and annotations files (either order), or one JSON list."""
-    paths, root = [Path(p) for p in _as_list(paths)], Path(root)
-    if len(paths) == 2:
-        q, a = (_read_json(p) for p in paths)
-        if "questions" not in q and "questions" in a:
-            q, a = a, q
-        if "questions" not in q or "annotations" not in a:
-            raise ValueError(f"{paths[0]}, {paths[1]}: expected a VQAv2 questions file ({{'questions': [...]}}) and "
-                             f"an annotations file ({{'annotations': [...]}})")
-        subtype = q.get("data_subtype") or a.get("data_subtype")
-        anns = {x.get("question_id"): x for x in a["annotations"]}
-        rows = []
-        for x in q["questions"]:
-            ann = anns.get(x.get("question_id"), {})
-            image = x.get("image")
-            if image is None and subtype and isinstance(x.get("image_id"), int):
-                name = f"COCO_{subtype}_{x['image_id']:012d}.jpg"
-                image = f"{subtype}/{name}" if (root / subtype / name).exists() else name
-            answers = [d.get("answer") for d in ann.get("answers", [])]
-            rows.append(_vqa_row(x.get("question_id"), image, x.get("question"), answers,
-                                 ann.get("question_type"), ann.get("answer_type")))
-    elif len(paths) == 1:
-        rows = [_vqa_row(e.get("question_id", i), e.get("image"), e.get("question"),
-                         _as_list(e.get("answer", e.get("answers"))), e.get("question_type"), e.get("answer_type"),
-                         e.get("problem"))
-                for i, e in enumerate(_entries(_read_json(paths[0]), paths[0], "question"))]
-    else:
-        raise ValueError(f"VQA data is one JSON list or a questions file and an annotations file, got {len(paths)}")
-    return _split(rows, root)
-
-
-def read_choice_data(path, root) -> tuple[list[dict], list[dict]]:
-    """Items {"id", "image", "question" or "prompt", "choices", "answer" (an index)}."""
-    rows = []
-    for i, e in enumerate(_entries(_read_json(path), path, "multiple-choice")):
-        choices, answer = e.get("choices"), e.get("answer")
-        row = {"id": e.get("id", e.get("question_id", i)), "image": e.get("image"), "question": e.get("question"),
-               "prompt": e.get("prompt"), "choices": choices, "answer": answer}
-        if isinstance(answer, str) and isinstance(choices, list) and answer in choices:
-            row["answer"] = choices.index(answer)
-        if "problem" in e:
-            row["problem"] = e["problem"]
-        elif not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c.strip()
-                                                                      for c in choices):
-            row["problem"] = "choices must be a non-empty list of non-empty strings"
-        elif not isinstance(row["prompt"], str) and not isinstance(row["question"], str):
-            row["problem"] = "no question or prompt"
-        elif not (isinstance(row["answer"], int) and not isinstance(row["answer"], bool)
-                  and 0 <= row["answer"] < len(choices)):
-            row["problem"] = f"answer {answer!r} is not one of the {len(choices)} choices"
-        rows.append(row)
-    return _split(rows, Path(root))
-
-
-def read_retrieval_data(path, root) -> tuple[list[dict], list[dict]]:
-    """Items {"id", "image", "captions"}: one per image, Karpathy-style."""
-    return _split(_caption_rows(_entries(_read_json(path), path, "retrieval"), "captions"), Path(root))
-
-
-READERS = {"caption": read_caption_data, "vqa": read_vqa_data, "retrieval": read_retrieval_data,
-           "choice": read_choice_data}
 
 
 # -------------------------------------------------------------------------------------------- processes
@@ -539,7 +393,7 @@ def evaluate(task: str, model, data: str | Sequence[str], images: str | None = N
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     t0 = time.perf_counter()
-    paths = [str(p) for p in _as_list(data)]
+    paths = [str(p) for p in as_list(data)]
     if not paths or (task != "vqa" and len(paths) != 1):
         raise ValueError(f"the {task} task reads one annotation file (vqa: or two), got {len(paths)}")
     root = Path(images) if images is not None else Path(paths[0]).parent
