@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 
 from ..api import load
 from ..data.shapes import COLOURS, SHAPES, Scene
+from ..processing import CAPTION_INSTRUCTION
 from .tables import pct, table
 
 LABELS = ("colours", "shapes", "pairs", "count")
 MULTILABEL = {"colours": True, "shapes": True, "pairs": True, "count": False}
 L2_GRID = (1e-4, 1e-3, 1e-2)
-CAPTION_PROMPT = "A short image caption:"  # the quickstart's caption instruction (run.CAPTION_PROMPT)
 
 
 # -------------------------------------------------------------------------------------------------- labels
@@ -261,7 +261,7 @@ def _representations(paths: list[str], models: dict, instruction: str, device: s
     return feats
 
 
-def probe_report(world_dir, models: dict, instruction: str = CAPTION_PROMPT, progress: bool = False,
+def probe_report(world_dir, models: dict, instruction: str = CAPTION_INSTRUCTION, progress: bool = False,
                  device: str | None = None, batch_size: int = 64, max_iter: int = 200) -> dict:
     """Probe every label on the world's train -> test scenes for: the pixels, the frozen encoder (of the first
     model in `models`) and the query outputs of each model ({name: checkpoint directory}); InstructBLIP models

@@ -31,7 +31,7 @@ from ..data import shapes
 from ..evaluation import evaluate
 from ..files import write_text_atomic
 from ..pretrained import minilm_dir, smollm2_dir
-from ..processing import VQA_TEMPLATE
+from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE
 from ..train.cache_features import cache_features
 from ..train.config import load_run_config, merge, parse_overrides, shipped_configs
 from ..train.loop import train
@@ -55,7 +55,6 @@ SMOKE_OVERRIDES = {  # same configs, toy size
     "stage2": ["max_steps=3", "save_every=2", "data.batch_size=4", "optim.warmup_steps=1"],
     "instruct": ["max_steps=3", "save_every=2", "data.batch_size=4", "optim.warmup_steps=1"],
 }
-CAPTION_PROMPT = "A short image caption:"  # an InstructBLIP template, for the instruction-tuned models
 CAPTION_GENERATION = {"num_beams": 1, "max_new_tokens": 32, "min_new_tokens": 1}
 VQA_GENERATION = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 1}
 
@@ -323,7 +322,7 @@ class Quickstart:
         self._tasks = {
             "caption": ("caption", files["captions"], {"generation": CAPTION_GENERATION}),
             "caption_prompted": ("caption", files["captions"], {"generation": CAPTION_GENERATION,
-                                                                "prompt": CAPTION_PROMPT}),
+                                                                "prompt": CAPTION_INSTRUCTION}),
             "vqa": ("vqa", files["vqa"], {"generation": VQA_GENERATION, "template": VQA_TEMPLATE})}
         t = self._tasks
         return {
