@@ -3,15 +3,7 @@ blip2.annotations, multiple-choice ranking, result files.
 
     report = evaluate("vqa", model, ["questions.json", "annotations.json"], "images/", output="runs/eval/vqa")
 
-Tasks and what they read (every reader returns (items, skipped); bad entries are reported, never fatal):
-- caption: COCO-style `{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}` or a list
-  `[{"image", "caption": [...] or "..."}]`; metrics from blip2.metrics.caption_scores.
-- vqa: VQAv2 questions + annotations files (images `COCO_<data_subtype>_<image_id:012d>.jpg`), or a list
-  `[{"image", "question", "answer": [...] or "...", "question_id"?, "question_type"?, "answer_type"?}]`;
-  several answers -> VQAv2 accuracy, one answer -> exact match (GQA).
-- retrieval: Karpathy-style `[{"image", "caption": [...]}]`; blip2.retrieval.score_matrix + recall_at_k.
-- choice: `[{"image", "question" or "prompt", "choices": [...], "answer": index or string}]`; the choice the LLM
-  finds most likely (rank_choices) is the prediction.
+Tasks: caption, vqa, retrieval, choice; the annotation formats each reads are listed in blip2.annotations.
 Under torch.distributed (torchrun) each process takes every W-th item and the results are gathered and put
 back in annotation order; retrieval splits its work itself. Process 0 computes the metrics and writes the files.
 """
