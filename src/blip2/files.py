@@ -15,10 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+# read once: probing it sets the process umask to 0 for a moment, which other threads creating files would see
+_UMASK = _read_umask()
 
 
 @contextmanager
@@ -30,7 +34,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -53,9 +57,8 @@ def atomic_dir(path: str | Path, keep_existing: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        umask = _umask()
         for p in [tmp, *tmp.rglob("*")]:  # mkdtemp (and some writers) create owner-only modes
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
         _move_into_place(tmp, path, keep_existing)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
