@@ -10,6 +10,7 @@ import torch
 import blip2
 from blip2.data import shapes
 from blip2.data.shapes import Obj, Scene
+from blip2.data.world import write_world
 from blip2.quickstart.probes import (LABELS, chance_accuracy, encoder_features, exact_set_accuracy, linear_probe,
                                      pixel_features, probe_report, probe_table, query_features, scene_labels)
 from fixtures import make_bert_tokenizer
@@ -169,7 +170,7 @@ def test_encoder_and_query_features(models):
 # -------------------------------------------------------------------------------------------------- report
 def test_probe_report_end_to_end(models, tmp_path):
     world = tmp_path / "world"
-    shapes.write_world(world, n_train=40, n_val=4, n_test=16)
+    write_world(world, n_train=40, n_val=4, n_test=16)
     report = probe_report(world, models, device="cpu", max_iter=20, progress=True)  # 40 scenes: a short fit is enough
     assert set(report) == {"labels", "n_train", "n_test", "chance", "rows", "seconds"}
     assert report["labels"] == list(LABELS) and (report["n_train"], report["n_test"]) == (40, 16)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip2.data.shapes import (COLOURS, FAMILIES, SHAPES, Obj, Scene, captions, questions, render, sample_scene,
-                               scene_key, write_world)
+from blip2.data.shapes import COLOURS, FAMILIES, SHAPES, Obj, Scene, captions, questions, render, sample_scene, scene_key
+from blip2.data.world import write_world
 
 # A large red circle on the left of the middle row, a small blue square on the right of it.
 PAIR = Scene((Obj("circle", "red", "large", col=0, row=1), Obj("square", "blue", "small", col=2, row=1)))

@@ -18,25 +18,19 @@ therefore never occurs in training (not even moved to other cells), in any world
 Task families are also split: `held_in` tasks are trained, `held_out` tasks are only evaluated (InstructBLIP's
 zero-shot protocol of the InstructBLIP paper).
 
-`write_world` writes it all in the training formats (blip2.train.data): PNG images, JSON annotation lists,
-webdataset shards of the training captions, and a `world.json` manifest.
+`blip2.data.world.write_world` writes a world in the training formats; `blip2.data.scoring` scores free captions
+against a scene.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from dataclasses import asdict, dataclass
 from itertools import combinations, permutations, product
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from ..train.data import write_shards
-from ..train.templates import CAPTION_TEMPLATES, VQA_TEMPLATES
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 70), "blue": (45, 85, 225), "yellow": (240, 205, 35),
@@ -208,7 +202,7 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _pick(rng: np.random.Generator, items: Sequence):
+def pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
@@ -221,7 +215,7 @@ def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     if n == 1:
         caps.append(f"{_a(objs[0].label)} {_WHERE[objs[0].row, objs[0].col]}")
     else:
-        a, b, rel = _pick(rng, [(a, b, r) for a, b in permutations(objs, 2) for r in ("left", "above")
+        a, b, rel = pick(rng, [(a, b, r) for a, b in permutations(objs, 2) for r in ("left", "above")
                                 if holds(r, a, b)])
         text = f"{_a(a.name)} {_REL_TEXT[rel]} {_a(b.name)}"
         rest = [o for o in objs if o is not a and o is not b]
@@ -252,13 +246,13 @@ def _exist(scene: Scene, rng) -> list[tuple[str, str]]:
     absent = [p for p in every if p not in have]  # never empty: at most 3 objects, at least 4 possibilities
 
     def ask(phrase: str) -> str:
-        return _pick(rng, [f"Is there {_a(phrase)}?", f"Are there any {phrase}s?"])
+        return pick(rng, [f"Is there {_a(phrase)}?", f"Are there any {phrase}s?"])
 
-    return [(ask(_pick(rng, present)), "yes"), (ask(_pick(rng, absent)), "no")]
+    return [(ask(pick(rng, present)), "yes"), (ask(pick(rng, absent)), "no")]
 
 
 def _count(scene: Scene, rng) -> list[tuple[str, str]]:
-    out = [(_pick(rng, ["How many objects are there?", "How many shapes are in the image?"]),
+    out = [(pick(rng, ["How many objects are there?", "How many shapes are in the image?"]),
             str(len(scene.objects)))]
     if rng.integers(2) == 0:
         counts = {f"{s}s": sum(o.shape == s for o in scene.objects) for s in SHAPES}
@@ -266,8 +260,8 @@ def _count(scene: Scene, rng) -> list[tuple[str, str]]:
         counts = {f"{c} objects": sum(o.colour == c for o in scene.objects) for c in COLOURS}
     # draw the answer first (uniform over the counts this scene allows), then a thing with that count: this
     # keeps 0 from dominating, as most shapes and colours are absent from any one scene
-    target = _pick(rng, sorted(set(counts.values())))
-    thing = _pick(rng, [t for t, c in counts.items() if c == target])
+    target = pick(rng, sorted(set(counts.values())))
+    thing = pick(rng, [t for t, c in counts.items() if c == target])
     out.append((f"How many {thing} are there?", str(target)))
     return out
 
@@ -286,8 +280,8 @@ def _attribute(scene: Scene, rng, family: str) -> list[tuple[str, str]]:
     refs = [r for r in refs if r[0] is not None]
     if not refs:  # e.g. two small circles of different colours: "the small circle" is ambiguous
         return []
-    ref, answer = _pick(rng, refs)
-    return [(_pick(rng, templates).format(ref), answer)]
+    ref, answer = pick(rng, refs)
+    return [(pick(rng, templates).format(ref), answer)]
 
 
 def _relation(scene: Scene, rng) -> list[tuple[str, str]]:
@@ -297,12 +291,12 @@ def _relation(scene: Scene, rng) -> list[tuple[str, str]]:
     true = [f for f in facts if holds(*f)]  # never empty: distinct cells differ in column or row
     false = [f for f in facts if not holds(*f)]  # never empty: the opposite of a true fact is false
     out = [(f"Is the {a.name} {_REL_TEXT[r]} the {b.name}?", answer)
-           for (r, a, b), answer in ((_pick(rng, true), "yes"), (_pick(rng, false), "no"))]
+           for (r, a, b), answer in ((pick(rng, true), "yes"), (pick(rng, false), "no"))]
     # open question, only where exactly one object is in that relation to the anchor
     open_q = [(r, b, hits[0]) for r, b in product(RELATIONS, scene.objects)
               if len(hits := [a for a in scene.objects if a is not b and holds(r, a, b)]) == 1]
     if open_q:
-        r, b, a = _pick(rng, open_q)
+        r, b, a = pick(rng, open_q)
         out.append((f"What is {_REL_TEXT[r]} the {b.name}?", a.name))
     return out
 
@@ -316,7 +310,7 @@ def _compare(scene: Scene, rng) -> list[tuple[str, str]]:
         facts.append((f"Is the {a.name} smaller than the {b.name}?", a.size == "small" and b.size == "large"))
     for a, b in combinations(scene.objects, 2):
         facts.append((f"Are the {a.name} and the {b.name} the same size?", a.size == b.size))
-    return [(_pick(rng, [q for q, t in facts if t]), "yes"), (_pick(rng, [q for q, t in facts if not t]), "no")]
+    return [(pick(rng, [q for q, t in facts if t]), "yes"), (pick(rng, [q for q, t in facts if not t]), "no")]
 
 
 def questions(scene: Scene, rng: np.random.Generator, families: Sequence[str] = FAMILIES) -> list[dict]:
@@ -344,175 +338,6 @@ def answer_type(family: str, answer: str) -> str:
     """VQAv2-style answer type: yes/no, number or other."""
     return _ANSWER_TYPE.get(family, "yes/no" if answer in ("yes", "no") else "other")
 
-
-# -------------------------------------------------------------------------------------------------- writing
-
-
-def _scene_in_split(rng: np.random.Generator, split: str, max_tries: int = 10_000) -> Scene:
-    """Draw scenes until one whose graph belongs to `split` (about 1 in 10 for val / test, 8 in 10 for train)."""
-    for _ in range(max_tries):
-        scene = sample_scene(rng)
-        if scene_split(scene_key(scene)) == split:
-            return scene
-    raise RuntimeError(f"no {split} scene in {max_tries} draws: the split rule cannot be met")
-
-
-def _dump(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=0))
-
-
-def _check_tasks(held_in: Sequence[str], held_out: Sequence[str]) -> None:
-    for what, names in (("held_in", held_in), ("held_out", held_out)):
-        unknown = sorted(set(names) - set(TASKS))
-        if unknown:
-            raise ValueError(f"{what} has unknown tasks {unknown}; tasks are {TASKS}")
-    both = sorted(set(held_in) & set(held_out))
-    if both:
-        raise ValueError(f"tasks {both} are both held-in and held-out: a zero-shot test needs them apart")
-
-
-def _absolute(root: Path, files: dict) -> dict[str, Any]:
-    out: dict[str, Any] = {"root": str(root), "image_root": str(root), "manifest": str(root / "world.json")}
-    for name, rel in files.items():
-        out[name] = [str(root / r) for r in rel] if isinstance(rel, list) else str(root / rel)
-    return out
-
-
-def write_world(out_dir: str | Path, n_train: int = 1000, n_val: int = 100, n_test: int = 200, seed: int = 0,
-                image_size: int = 64, held_in: Sequence[str] = HELD_IN, held_out: Sequence[str] = HELD_OUT,
-                per_shard: int = 256) -> dict[str, Any]:
-    """Write a shapes world under out_dir and return the absolute paths of what it wrote.
-
-    Layout (image paths in every file are relative to out_dir, the image root):
-        images/{split}/NNNNNN.png
-        scenes/{split}.json        [{"image", "image_id", "key", "objects": [...]}]   (scene graphs, for tests)
-        captions/{split}.json      [{"image", "image_id", "caption": [...], "scene_key"}] -> CaptionDataset
-        vqa/{split}_{family}.json  [{"image", "image_id", "question_id", "question", "answer": [a],
-                                     "question_type": family, "answer_type"}]       -> VQADataset, evaluate("vqa")
-        vqa/{split}_held_in.json   the held-in families' questions of the split in one file, families
-                                   interleaved (renumbered)
-        instruct/{split}.json      [{"image", "image_id", "instruction", "answer", "task"}] -> InstructionDataset
-        shards/train-NNNNNN.tar    training captions, img2dataset layout (JPEG)  -> ShardDataset
-        world.json                 the manifest: settings, counts, yes-fractions, split rule, files
-    Train VQA / instruction files cover the held-in tasks only; val and test cover every task. Captions are
-    written for every split (BLIP-2 pre-training uses them whatever the instruction split is).
-    Returned keys: root, image_root, manifest, scenes_{split}, captions_{split}, vqa_{split}_{family},
-    vqa_{split}_held_in, instruct_{split}, shards (a list).
-
-    Scene i of a split depends only on (seed, split, i); the same arguments give byte-identical images and JSON
-    files (tar headers carry the write time, their members are identical). A finished world is marked by
-    `.complete`: calling again with the same arguments returns at once, with other arguments raises.
-    """
-    counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
-    if min(counts.values()) < 0 or int(seed) < 0 or int(per_shard) <= 0:
-        raise ValueError(f"counts and seed must be >= 0 and per_shard > 0, got {counts}, seed={seed}, "
-                         f"per_shard={per_shard}")
-    _check_tasks(held_in, held_out)
-    params = {"n_train": counts["train"], "n_val": counts["val"], "n_test": counts["test"], "seed": int(seed),
-              "image_size": int(image_size), "held_in": list(held_in), "held_out": list(held_out),
-              "per_shard": int(per_shard)}
-    root = Path(out_dir)
-    marker = root / ".complete"
-    if marker.is_file():
-        written = json.loads(marker.read_text())
-        if written != params:
-            raise ValueError(f"{root} holds a shapes world written with {written}, not {params}: use another "
-                             f"out_dir or delete it")
-        return _absolute(root, json.loads((root / "world.json").read_text())["files"])
-    render(Scene((Obj("circle", "red", "small", 0, 0),)), image_size)  # fails early on a bad image size
-
-    files: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-    image_id = 0  # unique over the whole world
-    for split_index, split in enumerate(SPLITS):
-        tasks = [t for t in TASKS if split != "train" or t in held_in]
-        rows = _split_rows(root, split, split_index, counts[split], int(seed), image_size, tasks, image_id)
-        image_id += counts[split]
-        files.update(_write_split(root, split, rows, held_in))
-        scenes, caps, instruct, vqa = rows
-        stats[split] = {"images": counts[split], "instruct": len(instruct),
-                        "vqa": {f: len(v) for f, v in vqa.items()},
-                        "yes_fraction": {f: round(yes.count(["yes"]) / len(yes), 4) for f, v in vqa.items()
-                                         if (yes := [r["answer"] for r in v if r["answer_type"] == "yes/no"])}}
-    shards = write_shards(_shard_samples(root, files["captions_train"], int(seed)), root / "shards",
-                          per_shard=int(per_shard), prefix="train")
-    files["shards"] = [str(Path(p).relative_to(root)) for p in shards]
-    manifest = {"format": "blip2-shapes/1", "params": params, "families": list(FAMILIES), "tasks": list(TASKS),
-                "held_in": list(held_in), "held_out": list(held_out), "split_rule": SPLIT_RULE,
-                "world": {"shapes": list(SHAPES), "colours": {k: list(v) for k, v in COLOURS.items()},
-                          "sizes": list(SIZES), "grid": GRID, "relations": list(RELATIONS),
-                          "objects_per_scene": [1, 3]},
-                "counts": stats, "files": files}
-    _dump(root / "world.json", manifest)
-    marker.write_text(json.dumps(params))  # last: a world without it is incomplete and is written again
-    return _absolute(root, files)
-
-
-def _split_rows(root: Path, split: str, split_index: int, count: int, seed: int, image_size: int,
-                tasks: list[str], first_image_id: int) -> tuple[list, list, list, dict[str, list]]:
-    """Render the split's images and return its rows: (scenes, captions, instructions, {family: VQA rows})."""
-    families = [f for f in FAMILIES if f in tasks]
-    scenes, caps, instruct = [], [], []
-    vqa: dict[str, list] = {f: [] for f in families}
-    (root / "images" / split).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        image_id = first_image_id + i
-        # separate streams: the scene must not change when the language generation does
-        scene = _scene_in_split(np.random.default_rng([seed, split_index, i, 0]), split)
-        rng = np.random.default_rng([seed, split_index, i, 1])
-        image = f"images/{split}/{i:06d}.png"
-        render(scene, image_size).save(root / image)
-        key = scene_key(scene)
-        scenes.append({"image": image, "image_id": image_id, "key": key, **scene.to_dict()})
-        texts = captions(scene, rng)
-        caps.append({"image": image, "image_id": image_id, "caption": texts, "scene_key": key})
-        if "caption" in tasks:
-            instruct.append({"image": image, "image_id": image_id, "instruction": _pick(rng, CAPTION_TEMPLATES),
-                             "answer": _pick(rng, texts), "task": "caption"})
-        for q in questions(scene, rng, families):
-            fam, answer = q["family"], q["answer"]
-            vqa[fam].append({"image": image, "image_id": image_id, "question_id": len(vqa[fam]),
-                             "question": q["question"], "answer": [answer], "question_type": fam,
-                             "answer_type": answer_type(fam, answer)})
-            instruct.append({"image": image, "image_id": image_id, "task": fam, "answer": answer,
-                             "instruction": _pick(rng, VQA_TEMPLATES).format(Question=q["question"])})
-    return scenes, caps, instruct, vqa
-
-
-def _write_split(root: Path, split: str, rows: tuple, held_in: Sequence[str]) -> dict[str, str]:
-    """Write the split's JSON files; returns {name: path relative to root}."""
-    scenes, caps, instruct, vqa = rows
-    families = list(vqa)
-    # one file of the held-in families' questions (for validation), the families interleaved so that
-    # its first N entries cover every family
-    order = sorted(((i, k, r) for k, f in enumerate(f for f in families if f in held_in)
-                    for i, r in enumerate(vqa[f])), key=lambda t: (t[0], t[1]))
-    held_in_vqa = [{**r, "question_id": n} for n, (_, _, r) in enumerate(order)]
-    files = {}
-    for name, rel, data in ((f"scenes_{split}", f"scenes/{split}.json", scenes),
-                            (f"vqa_{split}_held_in", f"vqa/{split}_held_in.json", held_in_vqa),
-                            (f"captions_{split}", f"captions/{split}.json", caps),
-                            (f"instruct_{split}", f"instruct/{split}.json", instruct),
-                            *((f"vqa_{split}_{f}", f"vqa/{split}_{f}.json", vqa[f]) for f in families)):
-        _dump(root / rel, data)
-        files[name] = rel
-    return files
-
-
-def _shard_samples(root: Path, captions_file: str, seed: int):
-    """One shard sample per training image; its text is one of its captions (all are in the json)."""
-    for c in json.loads((root / captions_file).read_text()):
-        text = _pick(np.random.default_rng([seed, 0, c["image_id"], 2]), c["caption"])
-        with Image.open(root / c["image"]) as img:
-            yield {"image": img.convert("RGB"), "text": text, "key": f"{c['image_id']:09d}",
-                   "json": {"key": f"{c['image_id']:09d}", "caption": text, "captions": c["caption"],
-                            "image_id": c["image_id"], "scene_key": c["scene_key"]}}
-
-
-# -------------------------------------------------------------------------------------------------- scoring
-
-
 def all_captions(scene: Scene) -> set[str]:
     """Every caption `captions` can write for the scene, over all rng draws (relation pick, shuffle order)."""
     objs = sorted(scene.objects, key=lambda o: (o.col, o.row))
@@ -527,57 +352,3 @@ def all_captions(scene: Scene) -> set[str]:
             out |= {f"{_a(a.name)} {_REL_TEXT[r]} {_a(b.name)}{rest}" for r in ("left", "above") if holds(r, a, b)}
     out |= {f"a picture of {_join([_a(o.name) for o in order])} on a gray background" for order in permutations(objs)}
     return out
-
-
-# Every character that is not a letter or digit becomes a space: a superset of what pre_caption
-# (blip2.train.transforms) drops, so a caption and its cleaned form normalise to the same text.
-_NON_WORD = re.compile(r"[^a-z0-9]+")
-
-
-def _normalise(text: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed and stripped."""
-    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
-
-
-def describes(caption: str, scene: Scene) -> bool:
-    """Whether the generator could have written `caption` for the scene, up to case, punctuation and spacing
-    (so a caption cleaned by pre_caption still matches)."""
-    return _normalise(caption) in {_normalise(c) for c in all_captions(scene)}
-
-
-_MENTION = re.compile(rf"\b(?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})s?\b")
-
-
-def mentioned_objects(text: str) -> list[dict]:
-    """The object mentions "[small|large] <colour> <shape>[s]" in a free caption, in order of appearance:
-    [{"colour", "shape", "size" (None when not stated)}]. Case and punctuation are ignored; other words
-    (e.g. "gray background", "the circle") are not mentions."""
-    return [{"colour": m[2], "shape": m[3], "size": m[1]} for m in _MENTION.finditer(_normalise(text))]
-
-
-def caption_attribute_score(text: str, scene: Scene) -> dict:
-    """How well a free caption names the scene's objects. Mentions are deduplicated by (colour, shape); a pair
-    is correct when the scene has that object and no mention of it states another size. Returns {"mentions",
-    "correct", "missed" (scene objects not correctly mentioned), "accuracy": correct / (mentions + missed),
-    i.e. the Jaccard index of mentioned and present objects, "exact": all objects and nothing else}."""
-    sizes = {(o.colour, o.shape): o.size for o in scene.objects}
-    right: dict[tuple[str, str], bool] = {}  # pair -> correct so far, in order of first mention
-    for m in mentioned_objects(text):
-        pair = (m["colour"], m["shape"])
-        ok = pair in sizes and m["size"] in (None, sizes.get(pair))
-        right[pair] = right.get(pair, True) and ok
-    n, correct = len(right), sum(right.values())
-    missed = len(sizes) - correct
-    return {"mentions": n, "correct": correct, "missed": missed, "accuracy": correct / (n + missed),
-            "exact": missed == 0 and correct == n}
-
-
-def caption_attribute_accuracy(pairs: Iterable[tuple[str, Scene]]) -> dict:
-    """caption_attribute_score over (caption, scene) pairs: {"accuracy": mean accuracy in %, "exact": rate of
-    exact captions in %, both rounded to 2 decimals, "n"}."""
-    scores = [caption_attribute_score(text, scene) for text, scene in pairs]
-    if not scores:
-        raise ValueError("caption_attribute_accuracy needs at least one (caption, scene) pair")
-    n = len(scores)
-    return {"accuracy": round(100 * sum(s["accuracy"] for s in scores) / n, 2),
-            "exact": round(100 * sum(s["exact"] for s in scores) / n, 2), "n": n}

@@ -28,6 +28,7 @@ import yaml
 
 from ..api import load
 from ..data import shapes
+from ..data.world import write_world
 from ..evaluation import evaluate
 from ..files import write_text_atomic
 from ..pretrained import minilm_dir, smollm2_dir
@@ -234,7 +235,7 @@ class Quickstart:
               f"threads, {self.machine['cpu_count']} CPUs", flush=True)
         w = dict(self.sizes["world"], image_size=64, seed=0)
         self.world = self._step("world", "the generated world (JSON + webdataset shards)", _fingerprint(w),
-                                lambda d: {k: v for k, v in shapes.write_world(d, **w).items()})
+                                lambda d: {k: v for k, v in write_world(d, **w).items()})
         self._header("pretrained", "pretrained parts: all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (PyPI wheels, "
                      "cached)")
         t = time.perf_counter()

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..data import shapes
+from ..data.scoring import caption_attribute_score, describes
 from ..metrics import exact_match
 from .stats import bootstrap_ci, paired_bootstrap_diff, verdict
 
@@ -39,7 +40,7 @@ def caption_scores(ev: dict | None, scenes: dict[str, shapes.Scene]) -> dict[str
         return None
     out = {}
     for p in json.loads(Path(ev["caption"]["predictions"]).read_text()):
-        s = shapes.caption_attribute_score(p["caption"], scenes[p["image"]])
+        s = caption_attribute_score(p["caption"], scenes[p["image"]])
         out[p["image"]] = {"caption": p["caption"], "accuracy": s["accuracy"], "exact": float(s["exact"])}
     return out
 
@@ -124,7 +125,7 @@ def retrieval_summary(ev: dict | None, scenes: dict[str, shapes.Scene]) -> dict 
     if not ev or "retrieval" not in ev:
         return None
     preds = json.loads(Path(ev["retrieval"]["predictions"]).read_text())
-    hits = [shapes.describes(t, scenes[preds["images"][top[0]]]) for t, top in zip(preds["texts"], preds["t2i_top10"])]
+    hits = [describes(t, scenes[preds["images"][top[0]]]) for t, top in zip(preds["texts"], preds["t2i_top10"])]
     m = ev["retrieval"]["metrics"]
     return {"model": "stage1", "t2i_r1_scene": _r(100 * sum(hits) / len(hits)), "t2i_r1_exact": m["t2i_r1"],
             "t2i_r5": m["t2i_r5"], "i2t_r1": m["i2t_r1"], "texts": len(preds["texts"]),
