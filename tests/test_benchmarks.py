@@ -406,18 +406,61 @@ def test_retrieval_karpathy_test(tmp_path, name):
 
 
 # ------------------------------------------------------------------------------------------------- video
-def test_video_qa_reader_and_clear_error(opt, tmp_path):
+def _video(path, n: int):
+    """An MPEG-4 clip whose frame i is uniformly grey at level 20 * i."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as c:
+        st = c.add_stream("mpeg4", rate=5)
+        st.width, st.height, st.pix_fmt = 32, 32, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, dtype=np.uint8), format="rgb24")
+            for packet in st.encode(frame):
+                c.mux(packet)
+        for packet in st.encode():
+            c.mux(packet)
+    return path
+
+
+def test_video_frames_uniform(tmp_path):
+    pytest.importorskip("av")
+    import numpy as np
+
+    frames = benchmark.sample_frames(_video(tmp_path / "v.mp4", 10), 4)
+    # numpy.arange(0, 10, 2.5) -> frames 0, 2, 5, 7 (LAVIS load_video "uniform")
+    assert [round(float(np.asarray(f).mean()) / 20) for f in frames] == [0, 2, 5, 7]
+    with pytest.raises(ValueError, match="not a readable video"):
+        benchmark.sample_frames(_w(tmp_path / "bad.mp4", "not a video"), 4)
+
+
+@pytest.mark.parametrize("name", ["msvd-qa", "msrvtt-qa"])
+def test_video_qa(ib, tmp_path, name):
+    pytest.importorskip("av")
     data = [{"answer": "dog", "id": 0, "question": "what is running?", "video_id": 1},
             {"answer": "man", "id": 1, "question": "who talks?", "video_id": 2}]
-    (tmp_path / "abc_1_5.avi").write_bytes(b"")
-    (tmp_path / "def_2_9.avi").write_bytes(b"")
-    mapping = _w(tmp_path / "youtube_mapping.txt", "abc_1_5 vid1\ndef_2_9 vid2\n")
-    items, skipped = read("video-qa", [_w(tmp_path / "test_qa.json", data), mapping], tmp_path)
-    assert [it["video"] for it in items] == [str(tmp_path / "abc_1_5.avi"), str(tmp_path / "def_2_9.avi")]
-    items, _ = read("video-qa", [tmp_path / "test_qa.json"], tmp_path)
-    assert items[0]["video"].endswith("video1.mp4")  # MSRVTT naming
-    with pytest.raises(ValueError, match="video benchmarks"):
-        benchmark.run_benchmark("msvd-qa", opt, [tmp_path / "test_qa.json"], tmp_path)
+    files = [_w(tmp_path / "test_qa.json", data)]
+    if name == "msvd-qa":  # MSVD names its clips after YouTube ids: youtube_mapping.txt maps vid<N> to them
+        files.append(_w(tmp_path / "youtube_mapping.txt", "abc_1_5 vid1\ndef_2_9 vid2\n"))
+        videos = ["abc_1_5.avi", "def_2_9.avi"]
+    else:
+        videos = ["video1.mp4", "video2.mp4"]
+    _video(tmp_path / videos[0], 6)
+    _w(tmp_path / videos[1], "broken")
+    items, _ = read("video-qa", files, tmp_path)
+    assert [it["video"] for it in items] == [str(tmp_path / v) for v in videos]
+    out = tmp_path / "out"
+    rep = benchmark.run_benchmark(name, ib, files, tmp_path, output=out, progress=False,
+                                  generation={"max_new_tokens": 4})
+    assert rep["evaluated"] == 1 and "not a readable video" in rep["skipped_items"][0]["reason"]
+    rec = _records(out)["0"]
+    assert rec["prompt"] == "Question: what is running? Short Answer:"
+    assert rep["metrics"]["accuracy"] == 100.0 * (normalize_vqa_answer(rec["answer"]) == "dog")
+    # the answer is the model's on the 4 sampled frames, [1, 4, 3, S, S] through the Q-Former
+    px = torch.stack([ib.processor.image_processor.preprocess_one(f)
+                      for f in benchmark.sample_frames(tmp_path / videos[0], 4)])[None]
+    gen = {**protocols.get(name).settings("instructblip-t5"), "max_new_tokens": 4}
+    assert ib.instruct(px, [rec["prompt"]], **gen)[0].strip() == rec["answer"]
 
 
 # ---------------------------------------------------------------------------------------- resume / cache

@@ -82,6 +82,55 @@ def _postprocess(answers: list[str], lemmatize: bool, notes: dict) -> list[str]:
     return [" ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(a)) for a in answers]
 
 
+# ------------------------------------------------------------------------------------------------- video
+def sample_frames(path, n: int = 4) -> list:
+    """`n` frames of a video as PIL images at indices arange(0, L, L / n) (LAVIS lavis/datasets/data_utils.py
+    load_video, sampling "uniform"), decoded with PyAV."""
+    try:  # deferred: PyAV is optional (the `eval` extra)
+        import av
+    except ImportError as e:
+        raise ImportError(f"video benchmarks need PyAV (pip install 'blip2[eval]'): {e}") from None
+    try:
+        with av.open(str(path)) as c:
+            length = c.streams.video[0].frames or sum(1 for _ in c.decode(video=0))
+        n = min(n, length)
+        want = {int(i * (length / n)) for i in range(n)}  # as numpy.arange(0, length, length / n)
+        with av.open(str(path)) as c:
+            frames = [f.to_image() for i, f in enumerate(c.decode(video=0)) if i in want]
+    except (av.error.FFmpegError, IndexError) as e:
+        raise ValueError(f"{path}: not a readable video ({e})") from None
+    if not frames:
+        raise ValueError(f"{path}: no video frames")
+    return frames
+
+
+def _video_batches(model, items: list[dict], batch_size: int, n_frames: int = 4):
+    """(items, pixels [b, F, 3, S, S], skipped) per batch; unreadable videos are skipped. Videos with fewer than
+    F frames repeat their last one (the Q-Former sees F frames per video)."""
+    ip = model.need_processor().image_processor
+    for s in range(0, len(items), batch_size):
+        ok, px, bad = [], [], []
+        for it in items[s:s + batch_size]:
+            try:
+                frames = sample_frames(it["video"], n_frames)
+            except (ValueError, OSError) as e:
+                bad.append({"index": it["index"], "id": it["id"], "image": it["video"], "reason": str(e)})
+                continue
+            frames += frames[-1:] * (n_frames - len(frames))
+            ok.append(it)
+            px.append(torch.stack([ip.preprocess_one(f) for f in frames]))  # (F, 3, S, S)
+        yield ok, (torch.stack(px).to(model.device) if px else None), bad
+
+
+def _run_video(model, items, opts, step):
+    results, skipped = [], []
+    for batch, px, bad in _video_batches(model, items, opts["batch_size"]):
+        skipped += bad
+        if batch:
+            results += [{"index": it["index"], **r} for it, r in zip(batch, step(px, batch))]
+    return results, skipped, None
+
+
 def _generate(model, px, prompts, gen):
     if all(p == "" for p in prompts):
         return model.caption(px, **gen)
@@ -94,7 +143,7 @@ def _step(protocol, model, arch: str, gen: dict, opts: dict, notes: dict):
     def step(px, batch):
         prompts = [protocols.build_prompt(protocol, arch, it) for it in batch]
         out = [{"id": it["id"], "prompt": p} for it, p in zip(batch, prompts)]
-        if kind in ("caption", "vqa", "aokvqa"):
+        if kind in ("caption", "vqa", "aokvqa", "video-qa"):
             texts = _generate(model, px, prompts, gen)
             texts = [t.strip() for t in texts] if kind == "caption" else _postprocess(texts, protocol.lemmatize, notes)
             for o, t in zip(out, texts):
@@ -141,7 +190,7 @@ def _vqa_metrics(protocol, records, items) -> dict | None:
 
 def _score(protocol, records, items, extra) -> dict | None:
     kind = protocol.kind
-    if kind in ("vqa", "aokvqa"):
+    if kind in ("vqa", "aokvqa", "video-qa"):
         return _vqa_metrics(protocol, records, items)
     by = {it["id"]: it for it in items}
     if kind == "caption":
@@ -195,9 +244,6 @@ def run_benchmark(name: str, model, data: str | Sequence[str], images: str | Non
     """Evaluate `model` on benchmark `name` (blip2.protocols.PROTOCOLS); process 0 returns the report
     metrics.json holds. generation: overrides of the protocol's settings. limit: the first N entries."""
     protocol = protocols.get(name)
-    if protocol.kind == "video-qa":
-        raise ValueError(f"{name}: video benchmarks (4 frames per video through the Q-Former) are not implemented "
-                         "yet; the protocol's settings are listed by `blip2 eval --list`")
     t0 = time.perf_counter()
     paths = [str(p) for p in as_list(data)]
     root = Path(images) if images is not None else Path(paths[0]).parent
@@ -233,7 +279,10 @@ def run_benchmark(name: str, model, data: str | Sequence[str], images: str | Non
                 log.append(res)
                 return res
 
-            new, bad, _ = run_batched(model, todo, opts, logged) if todo else ([], [], None)
+            run = _run_video if protocol.kind == "video-qa" else run_batched
+            if protocol.kind == "video-qa" and dist.world_size() > 1:
+                raise ValueError(f"{name}: video benchmarks run in one process")
+            new, bad, _ = run(model, todo, opts, logged) if todo else ([], [], None)
             cached = [{**log.done[str(it["id"])], "index": it["index"]} for it in items if str(it["id"]) in log.done]
             records = sorted(cached + new, key=lambda r: r["index"])
             if protocol.kind == "aokvqa":
