@@ -508,3 +508,11 @@ def test_cli_benchmark(opt, tmp_path):
     assert rep["benchmark"] == "vqav2" and rep["generation"]["num_beams"] == 1
     assert (out / "metrics.md").read_text().startswith("# blip2 eval: vqav2")
     assert cli.main(["eval", "--model", str(d), "--data", str(files[0])]) == 2  # neither --task nor --benchmark
+
+
+def test_docs_table_is_current():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "docs/evaluation.md"):
+        assert protocols.table() in (root / doc).read_text(), f"{doc}: regenerate the table (protocols.table())"
