@@ -53,12 +53,16 @@ class BatchLog:
         self.path = path
         self.done: dict = {}
         if path.exists():
-            for line in path.read_text().splitlines():
+            text, good = path.read_text(), []
+            for line in text.splitlines():
                 try:
                     batch = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                good.append(line)
                 self.done.update({str(r["id"]): r for r in batch})
+            if text != "".join(f"{line}\n" for line in good):  # drop the torn line before appending after it
+                write_text_atomic(path, "".join(f"{line}\n" for line in good))
 
     def append(self, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +204,8 @@ def _score(protocol, records, items, extra) -> dict | None:
             for dom in ("in-domain", "near-domain", "out-domain"):
                 part = [r for r in records if by[r["id"]]["domain"] == dom]
                 if part:
-                    s = metrics.caption_scores({r["id"]: r["caption"] for r in part},
-                                               {r["id"]: by[r["id"]]["references"] for r in part})
+                    s = metrics.caption_scores({r["id"]: r["caption"] for r in part},  # NoCaps: CIDEr per domain
+                                               {r["id"]: by[r["id"]]["references"] for r in part}, meteor=False)
                     out[dom] = {k: v for k, v in s.items() if v is not None}
         return out
     if kind == "choice":
