@@ -187,6 +187,8 @@ def test_aokvqa_direct_and_multiple_choice(opt, tmp_path):
          "Question: why is it dark? Options: (a) night (b) rain (c) smoke (d) a tunnel. Short answer:"],
         [data[0]["choices"], data[1]["choices"]])]
     assert [recs[q]["prediction"] for q in ("q1", "q2")] == model_choice
+    assert recs["q1"]["choice_prompt"] == ("Question: what is the man holding? Options: (a) a flag (b) a cat (c) rice "
+                                           "(d) a bat. Short answer:")
     assert rep["metrics"]["mc_accuracy"] == pytest.approx(50.0 * ((model_choice[0] == 0) + (model_choice[1] == 3)))
 
 

@@ -46,23 +46,33 @@ def _arch(model) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- the cache
-class BatchLog:
-    """Finished batches as JSON lines; a line torn by a kill does not parse and its batch is redone."""
+def _complete_lines(path: Path) -> tuple[str, list[str]]:
+    """(the file's text, its lines that parse as JSON): a line torn by a kill does not."""
+    text, good = (path.read_text() if path.exists() else ""), []
+    for line in text.splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        good.append(line)
+    return text, good
 
-    def __init__(self, path: Path):
+
+class BatchLog:
+    """Finished batches as JSON lines, one per batch; a torn line's batch is redone."""
+
+    def __init__(self, path: Path, others: Sequence[Path] = ()):
+        """others: the logs of the other processes (read, never written), so every process skips the same items."""
         self.path = path
         self.done: dict = {}
-        if path.exists():
-            text, good = path.read_text(), []
-            for line in text.splitlines():
-                try:
-                    batch = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                good.append(line)
-                self.done.update({str(r["id"]): r for r in batch})
-            if text != "".join(f"{line}\n" for line in good):  # drop the torn line before appending after it
-                write_text_atomic(path, "".join(f"{line}\n" for line in good))
+        for other in others:
+            for line in _complete_lines(other)[1]:
+                self.done.update({str(r["id"]): r for r in json.loads(line)})
+        text, good = _complete_lines(path)
+        for line in good:
+            self.done.update({str(r["id"]): r for r in json.loads(line)})
+        if text != "".join(f"{line}\n" for line in good):  # drop the torn line before appending after it
+            write_text_atomic(path, "".join(f"{line}\n" for line in good))
 
     def append(self, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,15 +165,15 @@ def _step(protocol, model, arch: str, gen: dict, opts: dict, notes: dict):
         if kind in ("choice", "aokvqa", "binary"):
             choice_prompts = prompts
             if kind == "aokvqa":  # the MC prompt lists the options; the DA prompt above does not
-                template = protocol.prompt(arch).replace("{}", "{} Options: {}.", 1)
-                choice_prompts = [template.format(it["question"], protocols.format_choices(it["choices"]))
-                                  for it in batch]
+                choice_prompts = [protocols.build_choice_prompt(protocol, arch, it) for it in batch]
+                for o, p in zip(out, choice_prompts):
+                    o["choice_prompt"] = p
             cands = [["no", "yes"]] * len(batch) if kind == "binary" else [it["choices"] for it in batch]
             scores = choice_scores(model, px, choice_prompts, cands, opts["batch_size"], qformer_texts=choice_prompts)
             for o, s in zip(out, scores):
                 o["scores_sum"] = s["sum"]
                 if kind == "binary":  # p(yes) from the two summed log-likelihoods
-                    o["proba"] = 1.0 / (1.0 + math.exp(s["sum"][0] - s["sum"][1]))
+                    o["proba"] = 1.0 / (1.0 + math.exp(min(max(s["sum"][0] - s["sum"][1], -700.0), 700.0)))
                 else:
                     o["prediction"] = max(range(len(s["sum"])), key=s["sum"].__getitem__)
         return out
@@ -274,7 +284,9 @@ def run_benchmark(name: str, model, data: str | Sequence[str], images: str | Non
             key = hashlib.sha256(json.dumps([model_fingerprint(model), name, gen, protocol.prompts, paths],
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
             out_dir = Path(output) if output is not None else Path("runs/eval") / name
-            log = BatchLog(out_dir / "cache" / f"{key}{'' if dist.world_size() == 1 else f'.rank{dist.rank()}'}.jsonl")
+            world = dist.world_size()
+            names = [out_dir / "cache" / f"{key}{'' if world == 1 else f'.rank{r}'}.jsonl" for r in range(world)]
+            log = BatchLog(names[dist.rank()], [n for r, n in enumerate(names) if r != dist.rank()])
             todo = [it for it in items if str(it["id"]) not in log.done]
             step = _step(protocol, model, architecture, gen, opts, notes)
 

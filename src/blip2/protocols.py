@@ -130,6 +130,12 @@ def build_prompt(protocol: Protocol, architecture: str, item: dict) -> str:
     return template.format(q)
 
 
+def build_choice_prompt(protocol: Protocol, architecture: str, item: dict) -> str:
+    """A-OKVQA multiple choice: the direct-answer template with the lettered options after the question."""
+    q = pre_question(item["question"]) if protocol.clean_question else item["question"]
+    return protocol.prompt(architecture).replace("{}", "{} Options: {}.", 1).format(q, format_choices(item["choices"]))
+
+
 # ------------------------------------------------------------------------------------------------- the table
 _EVAL = LAVIS + "projects/blip2/eval/"
 _IB = LAVIS + "projects/instructblip/"
