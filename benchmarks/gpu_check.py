@@ -155,7 +155,7 @@ def check_precision(device, llm_dtype=torch.float16) -> list[dict]:
     dtypes_ok = all(p.dtype == plan[n] for n, p in model.named_parameters())
     err = (out - ref).abs().max().item()
     return [{"check": "precision", "case": f"policy, LLM {str(llm_dtype)[6:]}", "ok": dtypes_ok and err < 5e-2,
-             "value": f"dtypes {'as planned' if dtypes_ok else 'WRONG'}, max abs difference to fp32 features {err:.2e}"}]
+             "value": f"dtypes {'as planned' if dtypes_ok else 'WRONG'}, max abs diff to fp32 {err:.2e}"}]
 
 
 def run_checks(device, quick: bool = False) -> list[dict]:

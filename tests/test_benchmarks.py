@@ -38,7 +38,7 @@ def ib(tmp_path_factory):
     d = tmp_path_factory.mktemp("ibt5")
     checkpoint_with_processor("instructblip-t5", d)
     model = blip2.load(d)
-    model.cfg.qformer_max_text_len = 48  # the tiny Q-Former has 64 positions (32 queries + text); truncated as LAVIS does
+    model.cfg.qformer_max_text_len = 48  # the tiny Q-Former has 64 positions; LAVIS truncates too
     return model
 
 
