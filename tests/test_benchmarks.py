@@ -80,6 +80,9 @@ def test_generation_defaults_equal_the_original():
     a = protocols.ORIGINAL_ANSWER  # predict_answers: 10 / 1, length penalty 0 (OPT) / -1 (T5)
     assert a["blip2-opt"]["length_penalty"] == 0.0 and a["blip2-t5"]["length_penalty"] == -1.0
     assert a["instructblip-vicuna"]["repetition_penalty"] == 1.5 and a["blip2-opt"]["min_new_tokens"] == 1
+    assert protocols.original_generation(blip2.Blip2Config.from_preset("tiny-t5"), "answer") == a["blip2-t5"]
+    assert protocols.original_generation(blip2.Blip2Config.from_preset("tiny-llama-instruct")) == \
+        g["instructblip-vicuna"]
     coco = protocols.get("coco-caption").generation  # caption_coco_opt*_eval.yaml 5 beams 30 / 8
     assert coco["blip2-opt"]["max_new_tokens"] == 30 and coco["blip2-opt"]["min_new_tokens"] == 8
     assert coco["blip2-t5"]["min_new_tokens"] == 7

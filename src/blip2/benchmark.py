@@ -41,8 +41,7 @@ def model_fingerprint(model) -> str:
 
 def _arch(model) -> tuple[str, str]:
     cfg = model.cfg
-    return cfg.architecture, protocols.architecture_key(cfg.architecture, cfg.is_encoder_decoder,
-                                                       cfg.llm.model_type if cfg.llm is not None else None)
+    return cfg.architecture, protocols.architecture_key(cfg.architecture, cfg.is_encoder_decoder)
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -25,7 +25,7 @@ LAVIS = "LAVIS lavis/"
 ARCH_KEYS = ("blip2-opt", "blip2-t5", "instructblip-t5", "instructblip-vicuna")
 
 
-def architecture_key(architecture: str, is_encoder_decoder: bool, model_type: str | None = None) -> str:
+def architecture_key(architecture: str, is_encoder_decoder: bool) -> str:
     """"blip2-opt" / "blip2-t5" / "instructblip-t5" / "instructblip-vicuna" for a model's config: a decoder-only
     LLM takes the OPT settings under BLIP-2 and the Vicuna settings under InstructBLIP (the released pairings)."""
     if architecture not in ("blip2", "instructblip"):
@@ -59,6 +59,16 @@ ORIGINAL_GENERATE = {
 # `predict_answers` defaults: max_len 10, min_len 1, length penalty 0 (OPT, Vicuna) / -1 (Flan-T5)
 ORIGINAL_ANSWER = {k: {**v, **dict(zip(("max_new_tokens", "min_new_tokens"), lavis_lengths(k.split("-")[1], 10, 1))),
                        "length_penalty": -1.0 if k.endswith("t5") else 0.0} for k, v in ORIGINAL_GENERATE.items()}
+
+
+def original_generation(cfg, kind: str = "instruct") -> dict:
+    """The original `generate` defaults (kind "caption" / "instruct") or `predict_answers` defaults ("answer") for a
+    model config: `model.instruct(images, texts, **original_generation(model.cfg))`. The model's own methods keep
+    their defaults (greedy, 20 new tokens)."""
+    if kind not in ("caption", "instruct", "answer"):
+        raise ValueError(f"kind must be 'caption', 'instruct' or 'answer', got {kind!r}")
+    key = architecture_key(cfg.architecture, cfg.is_encoder_decoder)
+    return dict((ORIGINAL_ANSWER if kind == "answer" else ORIGINAL_GENERATE)[key])
 
 
 @dataclass(frozen=True)
