@@ -3,7 +3,10 @@ transformers image processor used as the pixel reference."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import torch
 from PIL import Image
 
 from blip2.tiny import (CORPUS, corpus_lines, make_bert_tokenizer, make_gpt2_tokenizer,  # noqa: F401
@@ -83,3 +86,14 @@ def save_tiny_bert(directory, seed: int, add_pooling_layer: bool = True, **confi
     bert.save_pretrained(directory)
     make_bert_tokenizer(directory)
     return directory
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny ops on a busy 2-core machine spend most of their time in OpenMP barriers: run them on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _read_json(path) -> Any:
+def read_json(path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
@@ -33,7 +33,7 @@ def as_list(x) -> list:
     return [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else []
 
 
-def _split(rows: list[dict], root: Path) -> tuple[list[dict], list[dict]]:
+def split_rows(rows: list[dict], root: Path) -> tuple[list[dict], list[dict]]:
     """Rows -> (items, skipped). A row's "problem" (set by the reader) or a duplicate id makes it skipped; every
     item gets its position in the file ("index") and its image path under `root`."""
     items, skipped, seen = [], [], set()
@@ -73,7 +73,7 @@ def _caption_rows(entries: list[dict], field: str) -> list[dict]:
 
 def read_caption_data(path, root) -> tuple[list[dict], list[dict]]:
     """Items {"id", "image", "references"}."""
-    data = _read_json(path)
+    data = read_json(path)
     if isinstance(data, dict) and "annotations" in data:  # COCO: references grouped by image id
         refs: dict = {}
         for a in data["annotations"]:
@@ -85,7 +85,7 @@ def read_caption_data(path, root) -> tuple[list[dict], list[dict]]:
     else:
         raise ValueError(f"{path}: not a caption file: expected COCO-style {{'images', 'annotations'}} or a list "
                          f"of {{'image', 'caption'}}")
-    return _split(_caption_rows(entries, "references"), Path(root))
+    return split_rows(_caption_rows(entries, "references"), Path(root))
 
 
 def _vqa_row(qid, image, question, answers, qtype=None, atype=None, problem=None) -> dict:
@@ -105,7 +105,7 @@ def read_vqa_data(paths: Sequence, root) -> tuple[list[dict], list[dict]]:
     questions and annotations files (either order), or one JSON list."""
     paths, root = [Path(p) for p in as_list(paths)], Path(root)
     if len(paths) == 2:
-        q, a = (_read_json(p) for p in paths)
+        q, a = (read_json(p) for p in paths)
         if "questions" not in q and "questions" in a:
             q, a = a, q
         if "questions" not in q or "annotations" not in a:
@@ -127,16 +127,16 @@ def read_vqa_data(paths: Sequence, root) -> tuple[list[dict], list[dict]]:
         rows = [_vqa_row(e.get("question_id", i), e.get("image"), e.get("question"),
                          as_list(e.get("answer", e.get("answers"))), e.get("question_type"), e.get("answer_type"),
                          e.get("problem"))
-                for i, e in enumerate(_entries(_read_json(paths[0]), paths[0], "question"))]
+                for i, e in enumerate(_entries(read_json(paths[0]), paths[0], "question"))]
     else:
         raise ValueError(f"VQA data is one JSON list or a questions file and an annotations file, got {len(paths)}")
-    return _split(rows, root)
+    return split_rows(rows, root)
 
 
 def read_choice_data(path, root) -> tuple[list[dict], list[dict]]:
     """Items {"id", "image", "question" or "prompt", "choices", "answer" (an index)}."""
     rows = []
-    for i, e in enumerate(_entries(_read_json(path), path, "multiple-choice")):
+    for i, e in enumerate(_entries(read_json(path), path, "multiple-choice")):
         choices, answer = e.get("choices"), e.get("answer")
         row = {"id": e.get("id", e.get("question_id", i)), "image": e.get("image"), "question": e.get("question"),
                "prompt": e.get("prompt"), "choices": choices, "answer": answer}
@@ -153,12 +153,12 @@ def read_choice_data(path, root) -> tuple[list[dict], list[dict]]:
                   and 0 <= row["answer"] < len(choices)):
             row["problem"] = f"answer {answer!r} is not one of the {len(choices)} choices"
         rows.append(row)
-    return _split(rows, Path(root))
+    return split_rows(rows, Path(root))
 
 
 def read_retrieval_data(path, root) -> tuple[list[dict], list[dict]]:
     """Items {"id", "image", "captions"}: one per image, Karpathy-style."""
-    return _split(_caption_rows(_entries(_read_json(path), path, "retrieval"), "captions"), Path(root))
+    return split_rows(_caption_rows(_entries(read_json(path), path, "retrieval"), "captions"), Path(root))
 
 
 READERS = {"caption": read_caption_data, "vqa": read_vqa_data, "retrieval": read_retrieval_data,

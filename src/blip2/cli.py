@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from . import protocols
 from .api import load
+from .benchmark import run_benchmark
 from .demo import run_demo
 from .evaluation import distributed_session, evaluate, markdown_report
 from .info import describe
@@ -116,15 +118,26 @@ def cmd_eval(a) -> None:
     """Evaluate a checkpoint on a benchmark: captioning (BLEU, METEOR, ROUGE-L, CIDEr), VQA (VQAv2 accuracy / exact
     match), image-text retrieval (recall@K) or multiple choice (likelihood ranking). Batched; under torchrun the
     items are split across processes. Writes predictions.json, metrics.json and metrics.md to --output."""
+    if a.list:
+        print(protocols.table())
+        return
+    if (a.task is None) == (a.benchmark is None) or a.model is None or not a.data:
+        raise ValueError("blip2 eval needs --model, --data and one of --task / --benchmark (or --list)")
     gen = {k: v for k, v in (("num_beams", a.num_beams), ("max_new_tokens", a.max_new_tokens),
                              ("min_new_tokens", a.min_new_tokens), ("length_penalty", a.length_penalty),
-                             ("repetition_penalty", a.repetition_penalty)) if v is not None}
+                             ("repetition_penalty", a.repetition_penalty),
+                             ("repetition_context", a.repetition_context)) if v is not None}
     with distributed_session(a.device) as a.device:
         model = _load(a)
-        report = evaluate(a.task, model, a.data, a.images, output=a.output or f"runs/eval/{a.task}",
-                          batch_size=a.batch_size, generation=gen, prompt=a.prompt, template=a.template, k=a.k,
-                          reduce=a.reduce, normalize_answers=a.normalize_answers, limit=a.limit,
-                          progress=not a.no_progress, model_name=str(a.model))
+        if a.benchmark is not None:
+            report = run_benchmark(a.benchmark, model, a.data, a.images, output=a.output or f"runs/eval/{a.benchmark}",
+                                   batch_size=a.batch_size, generation=gen, limit=a.limit,
+                                   progress=not a.no_progress, model_name=str(a.model))
+        else:
+            report = evaluate(a.task, model, a.data, a.images, output=a.output or f"runs/eval/{a.task}",
+                              batch_size=a.batch_size, generation=gen, prompt=a.prompt, template=a.template,
+                              k=a.k, reduce=a.reduce, normalize_answers=a.normalize_answers, limit=a.limit,
+                              progress=not a.no_progress, model_name=str(a.model))
     if report is not None:  # process 0
         print(json.dumps(report, indent=2) if a.json else markdown_report(report), end="\n" if a.json else "")
 
@@ -170,8 +183,8 @@ def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help=MODEL_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -212,8 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config (YAML) whose training images are encoded")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
     p = add("eval", cmd_eval)
-    p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval", "choice"])
-    p.add_argument("--data", required=True, nargs="+", type=Path,
+    p.add_argument("--task", default=None, choices=["caption", "vqa", "retrieval", "choice"],
+                   help="a generic task on custom data")
+    p.add_argument("--benchmark", default=None, choices=list(protocols.PROTOCOLS),
+                   help="a paper benchmark under its protocol (--list shows them; --data takes its official files "
+                        "in the order listed there)")
+    p.add_argument("--list", action="store_true", help="print the benchmark protocols and exit")
+    p.add_argument("--data", default=None, nargs="+", type=Path,
                    help="annotation file; for VQAv2 the questions file and the annotations file")
     p.add_argument("--images", type=Path, default=None, help="image root (default: the annotation file's folder)")
     p.add_argument("--output", type=Path, default=None, help="result folder (default runs/eval/TASK)")
@@ -229,11 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vqa: normalise ground-truth answers fully (raw answers), not only as the official tool does")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=None)
-    _add_model(p)
-    g = p.add_argument_group("generation (caption / vqa; defaults per task: LAVIS lavis/projects/blip2/eval/*.yaml)")
+    _add_model(p, required=False)  # not for --list
+    g = p.add_argument_group("generation (caption / vqa; defaults per task: LAVIS lavis/projects/blip2/eval/*.yaml; "
+                             "per benchmark: its protocol)")
     for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--min-new-tokens", int),
                        ("--length-penalty", float), ("--repetition-penalty", float)):
         g.add_argument(flag, type=kind, default=None)
+    g.add_argument("--repetition-context", choices=["generated", "prompt+generated"], default=None,
+                   help="tokens the repetition penalty sees: the original's (generated) or transformers' (with prompt)")
     p = add("serve", cmd_serve)
     p.add_argument("--model", required=True, help=MODEL_HELP + " (with tokenizer files)")
     p.add_argument("--host", default="127.0.0.1")

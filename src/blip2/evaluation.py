@@ -238,7 +238,7 @@ def rank_choices(model, images, prompts: Sequence[str], choices, reduce: str = "
 # ---------------------------------------------------------------------------------------------- runners
 # A runner turns items into (predictions, skipped, extra); a scorer turns process 0's merged predictions (and the
 # runner's extra, e.g. the retrieval score matrices) into metrics.
-def _run_batched(model, items, opts, step: Callable[[torch.Tensor, list[dict]], list[dict]]):
+def run_batched(model, items, opts, step: Callable[[torch.Tensor, list[dict]], list[dict]]):
     """This process's share of `items` through `step(pixels, batch) -> one result dict per item`; then every
     process's results and skips, merged in annotation order."""
     mine = items[dist.rank()::dist.world_size()]
@@ -256,7 +256,7 @@ def _caption(model, items, opts):
         caps = model.caption(px, prompt=opts["prompt"], **opts["generation"])
         return [{"image_id": it["id"], "caption": c, "image": it["image"], "references": it["references"]}
                 for it, c in zip(batch, caps)]
-    return _run_batched(model, items, opts, step)
+    return run_batched(model, items, opts, step)
 
 
 def _score_caption(results, _, opts) -> dict:
@@ -271,7 +271,7 @@ def _vqa(model, items, opts):
                  "gt_answers": it["answers"], "question_type": it["question_type"], "answer_type": it["answer_type"],
                  "score": metrics.vqa_item_score(a, it["answers"], opts["normalize_answers"])}
                 for it, a in zip(batch, answers)]
-    return _run_batched(model, items, opts, step)
+    return run_batched(model, items, opts, step)
 
 
 def _score_vqa(results, _, opts) -> dict:
@@ -291,7 +291,7 @@ def _choice(model, items, opts):
         return [{"id": it["id"], "image": it["image"], "prompt": p, "choices": it["choices"], "answer": it["answer"],
                  "prediction": _argmax(s[opts["reduce"]]), "scores_sum": s["sum"], "scores_mean": s["mean"]}
                 for it, p, s in zip(batch, prompts, scores)]
-    return _run_batched(model, items, opts, step)
+    return run_batched(model, items, opts, step)
 
 
 def _score_choice(results, _, opts) -> dict:

@@ -67,6 +67,10 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    # What the repetition penalty sees before the first new token (decoder-only LLMs): "prompt+generated" is
+    # transformers 5 (the ids passed as input_ids, left pads skipped as above); "generated" is the original
+    # BLIP-2 / InstructBLIP (transformers 4.33 generate with inputs_embeds only: just the new tokens).
+    repetition_context: str = "prompt+generated"
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     decoder_start_token_id: int | None = None
@@ -105,6 +109,8 @@ class GenerationConfig:
              f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}")
         need(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool),
              f"length_penalty must be a number, got {self.length_penalty!r}")
+        need(self.repetition_context in ("prompt+generated", "generated"),
+             f"repetition_context must be 'prompt+generated' or 'generated', got {self.repetition_context!r}")
         need(self.early_stopping in (True, False, "never"),
              f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         need(is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
@@ -565,6 +571,8 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
                           else torch.empty(B * expand, 0, dtype=torch.long, device=dev))
             mask = runner.prefill_mask  # None when there is no padding
             ignore_len = (mask != 0).int().argmax(dim=1) if mask is not None else None
+            if cfg.repetition_context == "generated":
+                prompt_ids, ignore_len = prompt_ids[:, :0], None
         ids = decode(runner, B, cfg, eos, pad, prompt_ids, ignore_len)
     return ids.clone()  # a normal tensor: inference-mode tensors refuse in-place updates outside the mode
 

@@ -145,8 +145,8 @@ def _stop_meteor(meteor) -> None:
     p.wait()
 
 
-def caption_scores(predictions: Mapping[Hashable, str],
-                   references: Mapping[Hashable, Sequence[str]]) -> dict[str, float | None]:
+def caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
+                   meteor: bool = True) -> dict[str, float | None]:
     """COCO caption metrics of one predicted caption per id against that id's reference captions.
 
     Computed by the COCO caption toolkit's own scorers (pycocoevalcap), called one by one as its `COCOEvalCap`
@@ -157,7 +157,8 @@ def caption_scores(predictions: Mapping[Hashable, str],
 
     Returns {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE": None} on the
     toolkit's scale (fractions; CIDEr is often above 1; papers print all of them x100).
-    Needs Java (see find_java); METEOR's start-up (loading its paraphrase table) takes several seconds.
+    Needs Java (see find_java); METEOR's start-up (loading its paraphrase table) takes several seconds:
+    meteor=False skips it (METEOR is then None).
     """
     if not predictions:
         raise ValueError("caption_scores: no predictions")
@@ -177,7 +178,8 @@ def caption_scores(predictions: Mapping[Hashable, str],
 
     PTBTokenizer, Bleu, Meteor, Rouge, Cider = _coco_toolkit()
     with _java_on_path(find_java()):
-        meteor = Meteor()  # starts Java now: its slow start-up overlaps the tokenisation and the other scorers
+        meteor = Meteor() if meteor else None  # starts Java now: its start-up overlaps the other scorers
+        meteor_score = None
         try:
             tokenizer = PTBTokenizer()
             gts_tok, res_tok = tokenizer.tokenize(gts), tokenizer.tokenize(res)
@@ -188,15 +190,17 @@ def caption_scores(predictions: Mapping[Hashable, str],
             rouge, _ = Rouge().compute_score(gts_tok, res_tok)
             cider, _ = Cider().compute_score(gts_tok, res_tok)
             try:
-                meteor_score, _ = meteor.compute_score(gts_tok, res_tok)
+                if meteor is not None:
+                    meteor_score, _ = meteor.compute_score(gts_tok, res_tok)
             except (ValueError, OSError) as e:  # Java died: its replies are empty lines or the pipe is closed
                 meteor.meteor_p.kill()
                 err = meteor.meteor_p.stderr.read().decode(errors="replace").strip()
                 raise RuntimeError(f"METEOR (Java) failed: {err[-500:] or e}") from None
         finally:
-            _stop_meteor(meteor)
+            if meteor is not None:
+                _stop_meteor(meteor)
     out: dict[str, float | None] = {f"BLEU-{n}": float(b) for n, b in enumerate(bleu, start=1)}
-    out.update({"METEOR": float(meteor_score), "ROUGE-L": float(rouge), "CIDEr": float(cider), "SPICE": None})
+    out.update({"METEOR": None if meteor_score is None else float(meteor_score), "ROUGE-L": float(rouge), "CIDEr": float(cider), "SPICE": None})
     return out
 
 

@@ -1,0 +1,78 @@
+"""The original implementation's precision on GPUs, in one place (docs/evaluation.md "Precision").
+
+    apply_precision(model, llm_dtype=torch.float16)   # OPT / Vicuna; Flan-T5: torch.bfloat16
+
+Which module holds which dtype (LAVIS lavis/models/blip2_models/blip2.py init_vision_encoder with
+vit_precision="fp16" -> eva_vit.py convert_weights_to_fp16, which converts the ViT's conv / linear / attention
+weights and leaves its LayerNorms in fp32; ln_vision, the Q-Former, the query tokens and the projection are
+created in fp32 and stay there; blip2_opt.py / blip2_vicuna_instruct.py load the LLM with torch_dtype=float16,
+blip2_t5.py / blip2_t5_instruct.py cast the T5 weights to bfloat16):
+
+    vision (conv, linear, embeddings)  fp16        vision LayerNorms   fp32 (input cast up, output back)
+    ln_vision                          fp32        qformer, queries    fp32
+    language_projection                fp32        llm                 fp16 (OPT, Vicuna) / bf16 (Flan-T5)
+
+The original also runs the ViT and Q-Former under torch.autocast(fp16) on GPUs (`maybe_autocast`); here each
+module computes in its own dtype (the LLM's inputs are cast to its dtype by the model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def precision_plan(model, llm_dtype: torch.dtype = torch.float16,
+                   vit_dtype: torch.dtype = torch.float16) -> dict[str, torch.dtype]:
+    """Parameter name -> the dtype the policy gives it."""
+    norms = {name for name, m in model.vision.named_modules() if isinstance(m, nn.LayerNorm)}
+    plan = {}
+    for name, _ in model.named_parameters():
+        top, _, rest = name.partition(".")
+        if top == "vision":
+            owner = rest.rpartition(".")[0]
+            plan[name] = torch.float32 if owner in norms else vit_dtype
+        elif top == "llm":
+            plan[name] = llm_dtype
+        else:  # ln_vision, qformer, query tokens, projection, stage-1 heads
+            plan[name] = torch.float32
+    return plan
+
+
+def _norm_in_fp32(module, args):
+    (x,) = args
+    module._precision_dtype = x.dtype
+    return (x.float(),)
+
+
+def _norm_out_back(module, args, out):
+    return out.to(module._precision_dtype)
+
+
+def _vision_input(dtype):
+    def hook(module, args):
+        return (args[0].to(dtype),) + tuple(args[1:])
+    return hook
+
+
+def apply_precision(model, llm_dtype: torch.dtype = torch.float16, vit_dtype: torch.dtype = torch.float16):
+    """Cast `model` in place to precision_plan and make the mixed towers run: the vision encoder takes its input
+    in `vit_dtype` and returns it in fp32 for ln_vision; its LayerNorms compute in fp32. Idempotent."""
+    if llm_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"llm_dtype must be float16, bfloat16 or float32, got {llm_dtype}")
+    plan = precision_plan(model, llm_dtype, vit_dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data = p.data.to(plan[name])
+        for name, b in model.named_buffers():
+            if b.is_floating_point() and name.startswith("llm."):
+                b.data = b.data.to(llm_dtype)
+    if not getattr(model.vision, "_precision_hooked", False):
+        model.vision.register_forward_pre_hook(_vision_input(vit_dtype))
+        model.vision.register_forward_hook(lambda m, a, out: out.float())
+        for m in model.vision.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.register_forward_pre_hook(_norm_in_fp32)
+                m.register_forward_hook(_norm_out_back)
+        model.vision._precision_hooked = True
+    return model
