@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..files import atomic_file, write_text_atomic
-from .sources import Item
+from .sources import Item, pyarrow_modules
 
 OUTPUT_FIELDS = ("key", "source", "text", "question")
 
@@ -125,11 +125,7 @@ def merge(ledger: Ledger, output: Path | None, meta: dict, failed: Path) -> dict
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:
-    try:  # deferred: pyarrow is needed only for parquet output (the `bulk` extra)
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError(f"--output *.parquet needs pyarrow (pip install 'blip2[bulk]'): {e}") from None
+    pa, pq = pyarrow_modules()
     fields = [k for k in OUTPUT_FIELDS if any(k in r for r in rows)] or ["key", "source", "text"]
     table = pa.table({k: pa.array([r.get(k) for r in rows], type=pa.string()) for k in fields})
     with atomic_file(path) as tmp:

@@ -238,31 +238,31 @@ def _table_items(files: list[Path], fmt: str, image_column, question_column, key
 
 
 def _is_string(kind) -> bool:
-    import pyarrow as pa  # deferred: pyarrow is needed only for table inputs (the `bulk` extra)
-
+    pa, _ = pyarrow_modules()
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _schema(f: Path, fmt: str):
-    pa, pq = _pyarrow()
+    pa, pq = pyarrow_modules()
     if fmt == "parquet":
         return pq.read_schema(f)
     with pa.memory_map(str(f)) as src:
         return pa.ipc.open_stream(src).schema
 
 
-def _pyarrow():
-    try:  # deferred: pyarrow is needed only for table inputs (the `bulk` extra)
+def pyarrow_modules():
+    """(pyarrow, pyarrow.parquet), or a clear error naming the extra that installs them."""
+    try:  # deferred: pyarrow is needed only for tables, in and out (the `bulk` extra)
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError(f"parquet / datasets inputs need pyarrow (pip install 'blip2[bulk]'): {e}") from None
+        raise ImportError(f"parquet / datasets files need pyarrow (pip install 'blip2[bulk]'): {e}") from None
     return pa, pq
 
 
 def read_table(f: str | Path, fmt: str, columns: list[str] | None = None):
     """A whole parquet / arrow-stream file as a pyarrow Table (arrow files are memory-mapped, not read)."""
-    pa, pq = _pyarrow()
+    pa, pq = pyarrow_modules()
     if fmt == "parquet":
         return pq.read_table(f, columns=columns)
     table = pa.ipc.open_stream(pa.memory_map(str(f))).read_all()
