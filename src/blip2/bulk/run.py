@@ -219,13 +219,17 @@ def label_dataset(model, job: BulkJob, rank: int | None = None, world: int | Non
     bar.close()
     seconds = time.perf_counter() - t0
     summary = {"rank": rank, "world_size": world, **counts, "seconds": round(seconds, 3),
-               "images_per_s": round(counts["done"] / seconds, 3) if seconds > 0 else None, "complete": False}
+               "images_per_s": round(counts["done"] / seconds, 3) if seconds > 0 else None}
     if dist.is_distributed():
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # every process's parts are written
     if (rank == 0 or not dist.is_distributed()) and ledger.complete():
         summary["merged"] = merge(ledger, job.output, {**meta, "seconds": summary["seconds"]}, failed)
-        summary["complete"] = True
         ledger.remove()
+    if dist.is_distributed():
+        merged = [summary.get("merged")]
+        torch.distributed.broadcast_object_list(merged, src=0)  # the others report the merged counts too
+        summary["merged"] = merged[0]
+    summary["complete"] = summary.get("merged") is not None
     summary["output"] = str(job.output) if job.output is not None else "sidecar .txt files"
     summary["failed_list"] = str(failed)
     return summary
