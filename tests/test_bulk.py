@@ -14,7 +14,7 @@ from PIL import Image
 
 import blip2
 from blip2.bulk.run import BulkJob, label_dataset
-from blip2.bulk.sources import expand_braces, open_source
+from blip2.sources import expand_braces, open_source
 from blip2.cli import main as cli_main
 from hf_models import checkpoint_with_processor
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..files import atomic_file, write_text_atomic
-from .sources import Item, pyarrow_modules
+from ..sources import Item, pyarrow_modules
 
 OUTPUT_FIELDS = ("key", "source", "text", "question")
 
@@ -28,7 +28,7 @@ def keys_digest(items: list[Item]) -> str:
     """A digest of the input's keys, sources and questions, in order: a restart must see the same input."""
     h = hashlib.blake2b(digest_size=16)
     for it in items:
-        h.update(json.dumps([it.key, it.source, it.question]).encode() + b"\n")
+        h.update(json.dumps([it.key, it.source, it.text]).encode() + b"\n")
     return h.hexdigest()
 
 

@@ -28,7 +28,7 @@ from .. import dist
 from ..files import write_text_atomic
 from ..processing import VQA_TEMPLATE, load_image
 from .ledger import Ledger, failed_file, keys_digest, merge, parts_folder
-from .sources import ImageReader, Item, open_source
+from ..sources import ImageReader, Item, open_source
 
 TASKS = ("caption", "ask", "instruct")
 
@@ -135,8 +135,8 @@ def plan_batches(ledger: Ledger, chunks: list[int], items: list[Item], batch_siz
     batches = []
     for c in chunks:
         rows = list(ledger.chunk_range(c))
-        if items[rows[0]].question is not None:
-            rows.sort(key=lambda i: (len(items[i].question), i))
+        if items[rows[0]].text is not None:
+            rows.sort(key=lambda i: (len(items[i].text), i))
         batches += [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
     return batches
 
@@ -169,7 +169,7 @@ def label_dataset(model, job: BulkJob, rank: int | None = None, world: int | Non
     if not items:
         raise ValueError(f"--input {job.input}: no images found")
     if job.question is not None:
-        items = [dataclasses.replace(it, question=job.question) for it in items]
+        items = [dataclasses.replace(it, text=job.question) for it in items]
     if job.sidecar and any(it.path is None for it in items):
         raise ValueError(f"--sidecar writes IMAGE.txt next to image files; {job.input} holds images inside "
                          "shards / tables: use --output OUT.jsonl|OUT.parquet")
@@ -198,11 +198,11 @@ def label_dataset(model, job: BulkJob, rank: int | None = None, world: int | Non
             records += [{"i": i, "key": items[i].key, "source": items[i].source, "skipped": True}
                         for i in batch["skipped"]]
             if batch["rows"]:
-                texts = _generate(model, job, batch["pixels"], [items[i].question for i in batch["rows"]])
+                texts = _generate(model, job, batch["pixels"], [items[i].text for i in batch["rows"]])
                 for i, text in zip(batch["rows"], texts):
                     rec = {"i": i, "key": items[i].key, "source": items[i].source, "text": text}
-                    if items[i].question is not None:
-                        rec["question"] = items[i].question
+                    if items[i].text is not None:
+                        rec["question"] = items[i].text
                     if job.sidecar:
                         write_text_atomic(sidecar_path(items[i]), text + "\n")
                     records.append(rec)

@@ -1,13 +1,15 @@
-"""Image sources for bulk labelling: what `--input` names, listed as items in a stable order.
+"""Image datasets on disk, listed as items in a stable order: what `blip2 caption --input` labels (blip2.bulk)
+and what `blip2 train` can read as `data.train` (parquet / datasets folders, blip2.train.data.TableDataset).
 
 An `Item` is small and picklable (DataLoader workers receive it): a stable `key`, the `source` it came from, a
-reference to its image bytes and, for `ask` / `instruct`, the question of that image. Listing reads file names,
-tar headers and table columns of strings only; image bytes are read later, by `read_image`, in the workers.
+reference to its image bytes and, optionally, the text of that image (the question of `ask` / `instruct`, the
+caption of a training pair) from `text_column`. Listing reads file names, tar headers and table columns of
+strings only; image bytes are read later, by `ImageReader`, in the workers.
 
 Inputs (`open_source`):
 - a folder: every image file below it (recursive, common extensions), key = path relative to the folder;
 - a text file (`.txt`, `.lst`): one image path per line (relative to the file's folder), key = the line;
-- a JSONL file: one record per line with the image path in `image_column` (and the question in `question_column`);
+- a JSONL file: one record per line with the image path in `image_column` (and the text in `text_column`);
 - webdataset shards, a brace pattern (`dir/{00000..00099}.tar`, the img2dataset layout) or a glob: per sample
   KEY.jpg|png|webp|... (+ KEY.json / KEY.txt), key = `shard.tar/KEY`;
 - parquet files (a `.parquet` file, a pattern or a folder of them) or a folder written by Hugging Face
@@ -17,8 +19,10 @@ Inputs (`open_source`):
 
 from __future__ import annotations
 
+import bisect
 import glob
 import io
+import itertools
 import json
 import re
 import tarfile
@@ -36,7 +40,7 @@ class Item:
     key: str  # stable identity: relative path, shard/key or row id
     source: str  # the file it came from (image file, shard, parquet / arrow file)
     ref: tuple  # ("file", path) | ("tar", shard, offset, size) | ("table", file, format, row, column)
-    question: str | None = None  # per-image question / instruction (from a column or field)
+    text: str | None = None  # the image's own text (a question, an instruction, a caption) from text_column
 
     @property
     def path(self) -> Path | None:
@@ -83,7 +87,7 @@ def expand_pattern(pattern: str) -> list[Path]:
 # ------------------------------------------------------------------------------------------- listing
 
 
-def open_source(spec: str | Path, image_column: str | None = None, question_column: str | None = None,
+def open_source(spec: str | Path, image_column: str | None = None, text_column: str | None = None,
                 key_column: str | None = None) -> list[Item]:
     """The items of an `--input` in input order (see the module doc for what it may name)."""
     spec = str(spec)
@@ -94,29 +98,29 @@ def open_source(spec: str | Path, image_column: str | None = None, question_colu
             raise ValueError(f"--input {path} is a datasets DatasetDict: name one split's folder, e.g. "
                              f"{path / (splits[0] if splits else 'train')}")
         if (path / "state.json").is_file():
-            return _table_items(_arrow_files(path), "arrow", image_column, question_column, key_column)
+            return _table_items(_arrow_files(path), "arrow", image_column, text_column, key_column)
         parquet = sorted(path.rglob("*.parquet"))
         if parquet and not any(p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*")):
-            return _table_items(parquet, "parquet", image_column, question_column, key_column)
-        if question_column:
-            raise ValueError(f"--input {path}: a folder of images has no question column; give one question for "
-                             "all images, or a JSONL file / table with a question column")
+            return _table_items(parquet, "parquet", image_column, text_column, key_column)
+        if text_column:
+            raise ValueError(f"--input {path}: a folder of images has no text column; give one question for "
+                             "all images, or a JSONL file / table with such a column")
         return _folder_items(path)
     files = expand_pattern(spec) if re.search(r"[{*?\[]", spec) else [path]
     if not files[0].is_file():
         raise FileNotFoundError(f"--input {spec}: no such file or folder")
     suffixes = {f.suffix.lower() for f in files}
     if suffixes == {".tar"}:
-        return [it for f in files for it in _tar_items(f, question_column)]
+        return [it for f in files for it in _tar_items(f, text_column)]
     if suffixes == {".parquet"}:
-        return _table_items(files, "parquet", image_column, question_column, key_column)
+        return _table_items(files, "parquet", image_column, text_column, key_column)
     if suffixes == {".arrow"}:
-        return _table_items(files, "arrow", image_column, question_column, key_column)
+        return _table_items(files, "arrow", image_column, text_column, key_column)
     if len(files) == 1 and suffixes <= {".jsonl"}:
-        return _jsonl_items(files[0], image_column or "image", question_column, key_column)
+        return _jsonl_items(files[0], image_column or "image", text_column, key_column)
     if len(files) == 1 and suffixes <= {".txt", ".lst"}:
-        if question_column:
-            raise ValueError(f"--input {spec}: a list of paths has no question column; use a JSONL file")
+        if text_column:
+            raise ValueError(f"--input {spec}: a list of paths has no text column; use a JSONL file")
         return _list_items(files[0])
     raise ValueError(f"--input {spec}: expected a folder, a .txt/.jsonl list, .tar shards, .parquet files or a "
                      f"saved datasets folder, got files ending in {sorted(suffixes)}")
@@ -138,7 +142,7 @@ def _list_items(listing: Path) -> list[Item]:
     return items
 
 
-def _jsonl_items(listing: Path, image_column: str, question_column: str | None, key_column: str | None):
+def _jsonl_items(listing: Path, image_column: str, text_column: str | None, key_column: str | None):
     items = []
     for n, line in enumerate(listing.read_text().splitlines(), 1):
         if not line.strip():
@@ -147,13 +151,13 @@ def _jsonl_items(listing: Path, image_column: str, question_column: str | None, 
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{listing}:{n}: not JSON ({e})") from None
-        for col in (image_column, question_column, key_column):
+        for col in (image_column, text_column, key_column):
             if col and col not in rec:
                 raise ValueError(f"{listing}:{n}: no field {col!r} (fields: {sorted(rec)})")
         name = str(rec[image_column])
         p = Path(name) if Path(name).is_absolute() else listing.parent / name
         key = str(rec[key_column]) if key_column else name
-        items.append(Item(key, str(p), ("file", str(p)), _text(rec, question_column, f"{listing}:{n}")))
+        items.append(Item(key, str(p), ("file", str(p)), _text(rec, text_column, f"{listing}:{n}")))
     return items
 
 
@@ -166,7 +170,7 @@ def _text(rec: dict, column: str | None, where: str) -> str | None:
     return v
 
 
-def _tar_items(shard: Path, question_column: str | None) -> list[Item]:
+def _tar_items(shard: Path, text_column: str | None) -> list[Item]:
     """Samples of one shard in file order: members grouped by KEY (the name up to the first dot)."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
@@ -182,18 +186,18 @@ def _tar_items(shard: Path, question_column: str | None) -> list[Item]:
                 img = next((parts[e[1:]] for e in IMAGE_EXTS if e[1:] in parts), None)
                 if img is None:
                     continue
-                question = None
-                if question_column:
-                    question = _tar_question(tar, parts, question_column, f"{shard}/{key}")
+                text = None
+                if text_column:
+                    text = _tar_text(tar, parts, text_column, f"{shard}/{key}")
                 items.append(Item(f"{shard.name}/{key}", str(shard), ("tar", str(shard), img.offset_data, img.size),
-                                  question))
+                                  text))
     except tarfile.TarError as e:
         raise ValueError(f"{shard}: not a readable tar shard ({e})") from None
     return items
 
 
-def _tar_question(tar, parts: dict, column: str, where: str) -> str:
-    """A sample's question: the member KEY.<column> (e.g. txt), else field `column` of KEY.json."""
+def _tar_text(tar, parts: dict, column: str, where: str) -> str:
+    """A sample's text: the member KEY.<column> (e.g. txt), else field `column` of KEY.json."""
     if column in parts:
         return tar.extractfile(parts[column]).read().decode().strip()
     if "json" in parts:
@@ -209,26 +213,26 @@ def _arrow_files(folder: Path) -> list[Path]:
     return [folder / n for n in names]
 
 
-def _table_items(files: list[Path], fmt: str, image_column, question_column, key_column) -> list[Item]:
+def _table_items(files: list[Path], fmt: str, image_column, text_column, key_column) -> list[Item]:
     items = []
     for f in files:
         schema = _schema(f, fmt)
         col = image_column or next((c for c in IMAGE_COLUMNS if c in schema.names), None)
-        for c in (col, question_column, key_column):
+        for c in (col, text_column, key_column):
             if c is not None and c not in schema.names:
                 raise ValueError(f"{f}: no column {c!r} (columns: {schema.names})")
         if col is None:
             raise ValueError(f"{f}: no image column among {list(IMAGE_COLUMNS)}; name it with --image-column "
                              f"(columns: {schema.names})")
-        small = [c for c in (question_column, key_column) if c]
+        small = [c for c in (text_column, key_column) if c]
         paths = _is_string(schema.field(col).type)
         table = read_table(f, fmt, small + ([col] if paths else []))
         keys = table.column(key_column).to_pylist() if key_column else None
-        questions = table.column(question_column).to_pylist() if question_column else None
+        texts = table.column(text_column).to_pylist() if text_column else None
         names = table.column(col).to_pylist() if paths else None
         for row in range(table.num_rows):
             key = str(keys[row]) if keys else f"{f.name}:{row}"
-            q = _text({question_column: questions[row]}, question_column, f"{f} row {row}") if questions else None
+            q = _text({text_column: texts[row]}, text_column, f"{f} row {row}") if texts else None
             if names is not None:
                 p = Path(names[row]) if Path(names[row]).is_absolute() else f.parent / names[row]
                 items.append(Item(key, str(p), ("file", str(p)), q))
@@ -273,30 +277,52 @@ def read_table(f: str | Path, fmt: str, columns: list[str] | None = None):
 
 
 class ImageReader:
-    """Opens items' images; keeps the last table it read (a worker reads consecutive rows of one file)."""
+    """Opens items' images; keeps the last table part it read (a worker reads consecutive rows of one file)."""
 
     def __init__(self):
-        self._table = (None, None)
+        self._table = (None, None)  # (which file / column / row group, its cells)
+        self._starts: dict[str, list[int]] = {}  # parquet file -> the end row of each row group
 
-    def read(self, item: Item) -> Image.Image:
-        """The decoded image (not yet converted); raises with the reason when it cannot be read."""
+    def raw(self, item: Item) -> bytes | Path:
+        """The image as stored: its file's path, or its bytes (from a shard or a table)."""
         kind = item.ref[0]
         if kind == "file":
-            img = Image.open(item.ref[1])
-        elif kind == "tar":
+            return Path(item.ref[1])
+        if kind == "tar":
             _, shard, offset, size = item.ref
             with open(shard, "rb") as fh:
                 fh.seek(offset)
-                img = Image.open(io.BytesIO(fh.read(size)))
-        else:
-            _, f, fmt, row, col = item.ref
+                return fh.read(size)
+        _, f, fmt, row, col = item.ref
+        value = self._cell(f, fmt, row, col)
+        if isinstance(value, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if value is None:
+            raise ValueError(f"row {row} of {f} has no image in column {col!r}")
+        return value if isinstance(value, bytes) else Path(f).parent / value
+
+    def _cell(self, f: str, fmt: str, row: int, col: str):
+        """One table cell. Parquet: only the row group holding the row is read (and kept for the next rows);
+        arrow files are memory-mapped whole."""
+        if fmt != "parquet":
             if self._table[0] != (f, col):
                 self._table = ((f, col), read_table(f, fmt, [col]).column(col))
-            value = self._table[1][row].as_py()
-            if isinstance(value, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
-                value = value.get("bytes") or value.get("path")
-            if value is None:
-                raise ValueError(f"row {row} of {f} has no image in column {col!r}")
-            img = Image.open(io.BytesIO(value) if isinstance(value, bytes) else Path(f).parent / value)
+            return self._table[1][row].as_py()
+        if self._starts.get(f) is None:
+            _, pq = pyarrow_modules()
+            meta = pq.ParquetFile(f).metadata
+            sizes = (meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+            self._starts[f] = list(itertools.accumulate(sizes))
+        group = bisect.bisect_right(self._starts[f], row)  # the first group whose end is past the row
+        if self._table[0] != (f, col, group):
+            _, pq = pyarrow_modules()
+            self._table = ((f, col, group), pq.ParquetFile(f).read_row_group(group, columns=[col]).column(col))
+        first = self._starts[f][group - 1] if group else 0
+        return self._table[1][row - first].as_py()
+
+    def read(self, item: Item) -> Image.Image:
+        """The decoded image (not yet converted); raises with the reason when it cannot be read."""
+        raw = self.raw(item)
+        img = Image.open(io.BytesIO(raw) if isinstance(raw, bytes) else raw)
         img.load()  # decode now, so that a truncated file fails here
         return img
