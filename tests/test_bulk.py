@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -252,6 +255,24 @@ def test_two_processes_equal_one(model, tmp_path):
     s0 = label_dataset(model, _job(root, out, chunk_size=2), rank=0, world=2)
     assert s0["complete"] and s0["done"] + s1["done"] == N - 1
     assert out.read_text() == (tmp_path / "one.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(ckpt, tmp_path):
+    """A real 2-process run (torchrun, gloo): each process labels its chunks, process 0 merges after a barrier."""
+    root = _folder(tmp_path / "imgs")
+    args = ["caption", "--model", str(ckpt), "--input", str(root), "--max-new-tokens", "6", "--num-beams", "1",
+            "--workers", "0", "--chunk-size", "2", "--no-progress"]
+    assert cli_main([*args, "--output", str(tmp_path / "one.jsonl")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 200), "-m", "blip2.cli", *args, "--output", str(tmp_path / "two.jsonl"), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1] and all(s["complete"] for s in summaries)
+    assert sum(s["done"] for s in summaries) == N - 1
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
 
 
 def test_cli(ckpt, tmp_path, capsys):
