@@ -279,7 +279,7 @@ def test_cli(ckpt, tmp_path, capsys):
     root = _folder(tmp_path / "imgs")
     out = tmp_path / "cli.jsonl"
     assert cli_main(["caption", "--model", str(ckpt), "--input", str(root), "--output", str(out),
-                     "--max-new-tokens", "6", "--num-beams", "1", "--workers", "0", "--no-progress"]) == 0
+                     "--max-new-tokens", "6", "--num-beams", "1", "--no-progress"]) == 0  # default: 1 worker
     assert "6 labelled, 1 failed" in capsys.readouterr().out
     model = blip2.load(ckpt)
     assert _read_jsonl(out)[0]["text"] == model.caption([str(root / "a" / "img0.jpg")], **GEN)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def _bulk(a, task: str, question: str | None = None) -> None:
     """`--input` given: label the whole dataset (blip2.bulk.run); under torchrun each process takes its share."""
     with distributed_session(a.device) as a.device:
         model = _load(a)
+        workers = a.workers
+        if workers is None:  # on a CPU the decoders share the model's cores: one keeps up (benchmarks/bulk.py)
+            workers = 1 if model.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
         job = BulkJob(task=task, input=a.input, output=a.output, sidecar=a.sidecar, overwrite=a.overwrite,
-                      batch_size=a.batch_size, workers=a.workers, chunk_size=a.chunk_size,
+                      batch_size=a.batch_size, workers=workers, chunk_size=a.chunk_size,
                       prompt=getattr(a, "prompt", None), question=question,
                       question_column=getattr(a, "question_column", None), template=getattr(a, "template", None),
                       image_column=a.image_column, key_column=a.key_column, generation=_gen_kwargs(a),
@@ -225,7 +229,8 @@ def _add_bulk(p: argparse.ArgumentParser, questions: bool) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT, or existing sidecar .txt files (which are otherwise kept)")
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers decoding images (default: 1 for a CPU model, else up to 4)")
     g.add_argument("--chunk-size", type=int, default=256, help="images per part file (the unit of resumption)")
     g.add_argument("--image-column", default=None, help="table / JSONL column with the image (bytes or path)")
     g.add_argument("--key-column", default=None, help="table / JSONL column with each image's key")
