@@ -46,7 +46,8 @@ QUESTIONS = ["what is the man holding?", "what color is the cat?", "describe the
              "how many dogs are in the picture?", "where is the boat?"]
 
 
-def build_checkpoint(size: str, directory: Path) -> Path:
+def build_checkpoint(size: str | tuple[dict, dict, dict], directory: Path) -> Path:
+    """A random checkpoint with a small tokenizer in directory/model; size: a SIZES name or (vision, Q-Former, OPT)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -55,7 +56,7 @@ def build_checkpoint(size: str, directory: Path) -> Path:
     from blip2.processing import ImageProcessor, Processor
     from blip2.tiny import make_gpt2_tokenizer
 
-    vision, qformer, opt = SIZES[size]
+    vision, qformer, opt = SIZES[size] if isinstance(size, str) else size
     tok = AutoTokenizer.from_pretrained(make_gpt2_tokenizer(directory / "_tokenizer", vocab_size=512))
     base = Blip2Config.from_preset("tiny-opt").to_dict()
     cfg = Blip2Config.from_dict({

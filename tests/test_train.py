@@ -126,6 +126,33 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert json.loads((run / "summary.json").read_text())["skipped_samples"] == 2
 
 
+def test_parquet_table_trains_and_bad_rows_are_counted(tmp_path):
+    """data.train as a parquet file (image bytes + caption columns, blip2.sources): trains; a corrupt row is
+    skipped and counted like a bad annotation entry."""
+    import io
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    from PIL import Image
+
+    images, captions = [], []
+    for i in range(9):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (20 * i, 100, 200)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+        captions.append(f"picture number {i}")
+    images[4] = b"\x89PNG\r\n\x1a\nnot really"
+    pq.write_table(pa.table({"png": images, "text": captions}), tmp_path / "train.parquet")
+    from blip2.train.data import TableDataset
+
+    sample = TableDataset(str(tmp_path / "train.parquet"), text_column="text")[3]
+    assert sample["image"] == images[3] and sample["text"] == "picture number 3"
+    run = tmp_path / "run"
+    _train(CONFIGS / "stage2-opt.yaml", f"output_dir={run}", f"data.train={tmp_path / 'train.parquet'}",
+           "data.text_column=text", "data.batch_size=9", "max_steps=1")
+    assert json.loads((run / "summary.json").read_text())["skipped_samples"] == 1
+
+
 def test_nan_losses_abort_with_a_clear_message(tmp_path):
     r = _train(CONFIGS / "stage1.yaml", f"output_dir={tmp_path}", "optim.lr=1e30", "optim.warmup_steps=0",
                "optim.clip_grad=null", "max_bad_steps=2", "max_steps=20", check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from . import protocols
 from .api import load
 from .benchmark import run_benchmark
+from .bulk.run import BulkJob, format_summary, label_dataset
 from .demo import run_demo
 from .evaluation import distributed_session, evaluate, markdown_report
 from .info import describe
@@ -57,15 +59,50 @@ def _emit(a, rows: list[dict], key: str) -> None:
             print(f"{r['image']}: {r[key]}" if len(rows) > 1 else r[key])
 
 
+def _bulk(a, task: str, question: str | None = None) -> None:
+    """`--input` given: label the whole dataset (blip2.bulk.run); under torchrun each process takes its share."""
+    with distributed_session(a.device) as a.device:
+        model = _load(a)
+        workers = a.workers
+        if workers is None:  # on a CPU the decoders share the model's cores: one keeps up (benchmarks/bulk.py)
+            workers = 1 if model.device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
+        job = BulkJob(task=task, input=a.input, output=a.output, sidecar=a.sidecar, overwrite=a.overwrite,
+                      batch_size=a.batch_size, workers=workers, chunk_size=a.chunk_size,
+                      prompt=getattr(a, "prompt", None), question=question,
+                      question_column=getattr(a, "question_column", None), template=getattr(a, "template", None),
+                      image_column=a.image_column, key_column=a.key_column, generation=_gen_kwargs(a),
+                      model_name=str(a.model), progress=not a.no_progress)
+        summary = label_dataset(model, job)
+    print(json.dumps(summary) if a.json else format_summary(summary))
+
+
+def _no_positionals(a, names: tuple[str, ...], flag: str) -> None:
+    given = [n for n in names if getattr(a, n, None)]
+    if a.input is not None and given:
+        raise ValueError(f"--input labels a dataset: give the {flag} as an option, not as the {given[0]} argument")
+    if a.input is None and len(given) != len(names):
+        raise ValueError(f"give {' and '.join(n.upper() for n in names)}, or --input to label a dataset")
+
+
 def cmd_caption(a) -> None:
-    """Caption one or more images."""
+    """Caption one or more images, or (with --input) a whole dataset."""
+    if a.input is not None:
+        if a.images:
+            raise ValueError("give IMAGE arguments or --input, not both")
+        return _bulk(a, "caption")
+    if not a.images:
+        raise ValueError("give one or more IMAGE arguments, or --input to label a dataset")
     model = _load(a)
     out = model.caption([str(p) for p in a.images], prompt=a.prompt, **_gen_kwargs(a))
     _emit(a, [{"image": str(p), "caption": c} for p, c in zip(a.images, out)], "caption")
 
 
 def cmd_ask(a) -> None:
-    """Answer a question about an image (prompt "Question: {} Short answer:" unless --template is given)."""
+    """Answer a question about an image (prompt "Question: {} Short answer:" unless --template is given), or
+    (with --input) about every image of a dataset."""
+    _no_positionals(a, ("image", "question"), "question (--question) or --question-column")
+    if a.input is not None:
+        return _bulk(a, "ask", a.question_text)
     model = _load(a)
     kw = {"template": a.template} if a.template else {}
     out = model.answer([str(a.image)], [a.question], **kw, **_gen_kwargs(a))
@@ -73,7 +110,11 @@ def cmd_ask(a) -> None:
 
 
 def cmd_instruct(a) -> None:
-    """Follow a free-form instruction about an image (InstructBLIP checkpoints)."""
+    """Follow a free-form instruction about an image (InstructBLIP checkpoints), or (with --input) about every
+    image of a dataset."""
+    _no_positionals(a, ("image", "text"), "instruction (--question) or --question-column")
+    if a.input is not None:
+        return _bulk(a, "instruct", a.question_text)
     model = _load(a)
     out = model.instruct([str(a.image)], [a.text], **_gen_kwargs(a))
     _emit(a, [{"image": str(a.image), "instruction": a.text, "response": out[0]}], "response")
@@ -190,6 +231,29 @@ def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _add_bulk(p: argparse.ArgumentParser, questions: bool) -> None:
+    g = p.add_argument_group("datasets (--input: label every image; see README, Label a dataset)")
+    g.add_argument("--input", default=None,
+                   help="a folder (recursive), a .txt list of paths, a .jsonl list of records, webdataset shards "
+                        "('dir/{00000..00099}.tar'), .parquet files or a saved Hugging Face datasets folder")
+    g.add_argument("--output", type=Path, default=None, help="OUT.jsonl or OUT.parquet (with OUT.failed.jsonl and "
+                   "OUT.meta.json); an unfinished run is resumed by the same command")
+    g.add_argument("--sidecar", action="store_true", help="write IMAGE.txt next to each image instead")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT, or existing sidecar .txt files (which are otherwise kept)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers decoding images (default: 1 for a CPU model, else up to 4)")
+    g.add_argument("--chunk-size", type=int, default=256, help="images per part file (the unit of resumption)")
+    g.add_argument("--image-column", default=None, help="table / JSONL column with the image (bytes or path)")
+    g.add_argument("--key-column", default=None, help="table / JSONL column with each image's key")
+    if questions:
+        g.add_argument("--question", dest="question_text", default=None, help="one text for every image")
+        g.add_argument("--question-column", default=None,
+                       help="column / JSONL field (shards: KEY.<name> member or .json field) with each image's text")
+    g.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blip2", description="BLIP-2 and InstructBLIP: caption, answer, instruct.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -200,21 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("caption", cmd_caption)
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="*", type=Path)
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
     _add_model(p)
     _add_generation(p)
+    _add_bulk(p, questions=False)
     p = add("ask", cmd_ask)
-    p.add_argument("image", type=Path)
-    p.add_argument("question")
+    p.add_argument("image", type=Path, nargs="?")
+    p.add_argument("question", nargs="?")
     p.add_argument("--template", default=None, help='prompt template with {} for the question')
     _add_model(p)
     _add_generation(p, max_new=10)
+    _add_bulk(p, questions=True)
     p = add("instruct", cmd_instruct)
-    p.add_argument("image", type=Path)
-    p.add_argument("text")
+    p.add_argument("image", type=Path, nargs="?")
+    p.add_argument("text", nargs="?")
     _add_model(p)
     _add_generation(p, max_new=256)
+    _add_bulk(p, questions=True)
     p = add("info", cmd_info)
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true")

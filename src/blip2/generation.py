@@ -287,6 +287,14 @@ class _CausalLMRunner:
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache.reorder_cache(rows)
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only [n] (the others finished): the cache, the mask and positions shrink."""
+        self.cache.reorder_cache(rows)
+        if self.step_mask is not None:
+            self.step_mask = self.step_mask[rows]
+        if self.position_ids is not None:
+            self.step_pos = self.step_pos[rows]
+
 
 class _Seq2SeqRunner:
     """Encoder-decoder LM: encode once on B rows, expand the encoder states, decode from the start token."""
@@ -325,6 +333,14 @@ class _Seq2SeqRunner:
 
     def reorder(self, rows: torch.Tensor) -> None:
         (self.cache.self_attention_cache if self.cross_rows_equal else self.cache).reorder_cache(rows)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only [n]: both caches, the encoder states and the cross-attention mask shrink."""
+        self.cache.reorder_cache(rows)
+        enc = self.kwargs["encoder_outputs"]
+        self.kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=enc.last_hidden_state[rows])
+        if self.kwargs["attention_mask"] is not None:
+            self.kwargs["attention_mask"] = self.kwargs["attention_mask"][rows]
 
 
 def _rows_repeat(x: torch.Tensor | None, n: int) -> bool:
@@ -398,6 +414,14 @@ class _Scores:
             scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
         return scores
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only (greedy search drops finished rows)."""
+        self.prompt_ids = self.prompt_ids[rows]
+        if self.ignore_len is not None:
+            self.ignore_len = self.ignore_len[rows]
+        if self.seen is not None:
+            self.seen = self.seen[rows]
+
     def observe(self, tokens: torch.Tensor, n_new: int, rows: torch.Tensor | None = None) -> None:
         """Record the n_new-th (0-based) generated token of each row; `rows` first reorders the history
         (beam search: row i continues row rows[i])."""
@@ -419,8 +443,13 @@ class _Scores:
 def _greedy_or_sample(runner, scores_fn: _Scores, cfg: GenerationConfig, eos, pad) -> torch.Tensor:
     logits = runner.prefill()
     N, T = logits.shape[0], cfg.max_new_tokens
-    out = torch.empty(N, T, dtype=torch.long, device=logits.device)
+    out = torch.full((N, T), pad if pad is not None else 0, dtype=torch.long, device=logits.device)
     unfinished = torch.ones(N, dtype=torch.bool, device=logits.device)
+    # Greedy search drops finished rows from the batch (no LM work for them; their later tokens are pad, as
+    # transformers gives them). Not when sampling (fewer rows would draw other random numbers) or streaming
+    # (the streamer sees every row at every step).
+    drop = eos is not None and not cfg.do_sample and cfg.streamer is None
+    alive = torch.arange(N, device=logits.device)  # the output rows still decoding
     t = 0
     for t in range(T):
         scores = scores_fn(logits, t)
@@ -431,12 +460,17 @@ def _greedy_or_sample(runner, scores_fn: _Scores, cfg: GenerationConfig, eos, pa
         if eos is not None:
             tokens = tokens.masked_fill(~unfinished, pad)  # finished rows are padded
             unfinished &= ~torch.isin(tokens, scores_fn.eos)
-        out[:, t] = tokens
+        out[alive, t] = tokens
         if cfg.streamer is not None:
             cfg.streamer(tokens, t)
         scores_fn.observe(tokens, t)
         if t + 1 == T or (eos is not None and not bool(unfinished.any())):
             break
+        if drop and not bool(unfinished.all()):
+            rows = unfinished.nonzero().squeeze(1)
+            runner.keep(rows)
+            scores_fn.keep(rows)
+            alive, tokens, unfinished = alive[rows], tokens[rows], unfinished[rows]
         logits = runner.step(tokens, t + 1)
     return out[:, : t + 1]
 
@@ -580,7 +614,8 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
 def decode(runner, batch_size: int, cfg: GenerationConfig, eos: list[int] | None, pad: int,
            history: torch.Tensor, ignore_len: torch.Tensor | None = None) -> torch.LongTensor:
     """The search (greedy, sampling or beam) over any runner: an object with `prefill() -> logits [N, V]`,
-    `step(tokens [N], t) -> logits [N, V]` and `reorder(rows [N])`, whose N = batch_size * max(num_beams,
+    `step(tokens [N], t) -> logits [N, V]`, `reorder(rows [N])` and `keep(rows [n])` (go on with
+    those rows only: greedy search drops finished ones, so N shrinks), whose N = batch_size * max(num_beams,
     num_return_sequences) rows are already expanded. history [N, P]: the ids the repetition penalty sees
     before the first new token; ignore_len [N]: leading history positions it skips (left padding)."""
     if cfg.num_beams > 1:

@@ -38,6 +38,9 @@ class QFormerRunner:
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache = [(k[rows], v[rows]) for k, v in self.cache]
 
+    def keep(self, rows: torch.Tensor) -> None:  # greedy search drops finished rows
+        self.reorder(rows)
+
 
 @torch.inference_mode()
 def qformer_generate(model, pixel_values: torch.Tensor, eos_token_id: int | None = None,

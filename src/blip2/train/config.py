@@ -70,10 +70,14 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training data: `train` is an annotation file (.json / .jsonl), a list of them, or webdataset shards
-    ("dir/{000..009}.tar"); `mixture` lists instruction-tuning datasets instead."""
+    """Training data: `train` is an annotation file (.json / .jsonl), a list of them, webdataset shards
+    ("dir/{000..009}.tar"), or parquet files / a saved Hugging Face `datasets` folder with an image column
+    (`image_column`, bytes or paths) and a caption column (`text_column`); `mixture` lists instruction-tuning
+    datasets instead."""
 
     train: Any = None
+    image_column: str | None = None  # tables: default the first of image, img, jpg, png, image_path, path, file_name
+    text_column: str = "caption"  # tables: the caption column
     image_root: str | None = None
     val: Any = None
     val_image_root: str | None = None

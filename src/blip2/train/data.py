@@ -1,4 +1,5 @@
-"""Training data sources: annotation lists (JSON / JSONL), webdataset tar shards, and a resumable sampler.
+"""Training data sources: annotation lists (JSON / JSONL), webdataset tar shards, parquet / `datasets` tables,
+and a resumable sampler.
 
 Every source yields *raw samples*: plain dicts that the `Collator` (blip2.train.collate) turns into model
 inputs. Decoding images in the collator keeps the datasets cheap (a mixture can draw millions of them) and
@@ -34,6 +35,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from .. import dist
 from ..processing import pre_caption, pre_question
+from ..sources import ImageReader, open_source
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,37 @@ class CaptionDataset(_AnnotationDataset):
             for c in caps:
                 text = pre_caption(str(c), max_words) if clean else str(c).strip()
                 self.samples.append({"image": image, "text": text, "image_id": image_id})
+
+
+class TableDataset(Dataset):
+    """Image-caption pairs from parquet files or a saved Hugging Face `datasets` folder (blip2.sources, the readers
+    of `blip2 caption --input`): `image_column` holds bytes, paths or the datasets Image struct, `text_column` the
+    caption. Image bytes are read here and decoded by the collator, which skips and counts bad ones. Each row
+    is its own image (image_id = row)."""
+
+    name = "table"
+
+    def __init__(self, spec, image_column: str | None = None, text_column: str = "caption", clean: bool = True,
+                 max_words: int = 50):
+        self.items = open_source(spec, image_column, text_column)
+        self.reader = ImageReader()
+        self.clean, self.max_words, self.epoch = clean, max_words, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        try:
+            image = self.reader.raw(item)
+        except (OSError, ValueError):  # a row without an image: b"" fails to decode, the collator counts it
+            image = b""
+        text = pre_caption(item.text, self.max_words) if self.clean else item.text.strip()
+        return {"image": image, "text": text, "image_id": index, "key": f"{self.name}/{item.key}",
+                "epoch": self.epoch, "index": index}
 
 
 class VQADataset(_AnnotationDataset):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from ..processing import ImageProcessor
 from .collate import Collator
 from .config import RunConfig, RunConfigError
-from .data import CaptionDataset, ResumableSampler, ShardDataset, VQADataset
+from .data import CaptionDataset, ResumableSampler, ShardDataset, TableDataset, VQADataset
 from .feature_cache import open_feature_store
 from .mixture import MixtureDataset, TaskDataset
 from .synthetic import resolve_annotations
@@ -20,6 +20,15 @@ from .transforms import EvalTransform, TrainTransform
 
 def _is_shards(spec) -> bool:
     return isinstance(spec, str) and ".tar" in spec
+
+
+def _is_table(spec) -> bool:
+    """Parquet files (a file, a pattern or a folder of them) or a saved `datasets` folder."""
+    if not isinstance(spec, str):
+        return False
+    path = Path(spec)
+    return ".parquet" in spec or (path / "state.json").is_file() or (
+        path.is_dir() and any(path.glob("*.parquet")))
 
 
 def _annotation_dataset(task: str, spec, image_root):
@@ -72,6 +81,12 @@ class TrainData:
             self.sampler = self.dataset.sampler(rank, world)
         elif _is_shards(d.train):
             self.dataset = ShardDataset(d.train, seed=cfg.seed, rank=rank, world=world)
+        elif _is_table(d.train):
+            if cfg.stage == "instruct" or d.task != "caption":
+                raise RunConfigError(f"data.train {d.train}: tables give image-caption pairs (data.task: caption, "
+                                     "stages 0-2)")
+            self.dataset = TableDataset(d.train, image_column=d.image_column, text_column=d.text_column)
+            self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=rank, world=world)
         else:
             if d.train is None:
                 raise RunConfigError("data.train: give an annotation file, shards, or a data.mixture")
