@@ -125,6 +125,13 @@ def _place(model, name: str, value: torch.Tensor, aliases: dict, given: set, dty
     """Put one loaded tensor into a model built on meta, and into the names tied to it that the file does
     not give themselves (a file that gives both tied names different values unties them)."""
     v = value.to(dtype) if value.is_floating_point() else value
+    if any(a in given for a in aliases.get(name, [])):  # a tied name given again: keep the tie if equal
+        mod_name, _, attr = name.rpartition(".")
+        cur = model.get_submodule(mod_name)._parameters.get(attr)
+        quantised = cur is None or type(cur.data) is not torch.Tensor  # (torchao's tensors are subclasses)
+        if quantised or (cur.device.type != "meta" and cur.shape == v.shape and torch.equal(cur, v)):
+            given.add(name)
+            return
     param = None
     for n in [name] + [a for a in aliases.get(name, []) if a != name and a not in given]:
         mod_name, _, attr = n.rpartition(".")
