@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 SCHEMES = ("int8", "int8-weight-only", "int4", "bnb-int8", "bnb-nf4")
 _ALIASES = {"nf4": "bnb-nf4", "int8-wo": "int8-weight-only", "bnb-4bit": "bnb-nf4", "bnb-8bit": "bnb-int8"}
@@ -77,8 +78,6 @@ def _torchao_quantize(module: nn.Module, scheme: str) -> None:
 def quantize_linear(linear: nn.Linear, scheme: str) -> nn.Module:
     """A quantised replacement for one `nn.Linear` (its weights copied, not shared)."""
     if scheme == "int8":
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear  # deferred: only for this scheme
-
         linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # a scale per output row
         return DynamicInt8Linear.from_float(linear)
     if scheme in ("int8-weight-only", "int4"):
