@@ -11,7 +11,8 @@ a streamed int8 load of a >= 1B-parameter checkpoint.
    InstructBLIP-shaped checkpoint (LLaMA LLM, 1 GB shards, written to a temporary directory and deleted):
    fp32 vs `quantize="int8"` (streamed).
 
-    .venv/bin/python benchmarks/quantize.py [--quickstart runs/quickstart] [--skip-memory] [--json out.json]
+    .venv/bin/python benchmarks/quantize.py [--quickstart runs/quickstart] [--parts medium quickstart memory]
+                                            [--json out.json]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _generate_s(model, kw, n: int) -> float:
     return time.perf_counter() - t
 
 
-def decode_ms(models: dict, batch: int, repeats: int, images=None, short: int = 2, long: int = 18) -> dict:
+def decode_ms(models: dict, batch: int, repeats: int, images=None, short: int = 2, long: int = 10) -> dict:
     """ms per decoded token for each model, interleaved, best of `repeats`."""
     inputs = {k: _decode_inputs(m, batch, images) for k, m in models.items()}
     best = {k: float("inf") for k in models}
@@ -148,11 +149,14 @@ def load_memory(work: Path) -> dict:
     return out
 
 
+PARTS = ("medium", "quickstart", "memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quickstart", type=Path, default=Path("runs/quickstart"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -160,13 +164,16 @@ def main() -> None:
                                                               "accuracy_points": 1, "peak_rss_ratio": 0.4}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _save_random(MEDIUM, work / "medium")
-        medium = {"fp32": blip2.load(work / "medium"), "int8": blip2.load(work / "medium", quantize="int8"),
-                  "int8-weight-only": blip2.load(work / "medium", quantize="int8-weight-only")}
-        result["medium"] = latency_table("medium LLaMA (220M)", medium, a.repeats)
-        del medium
+        if "medium" in a.parts:
+            _save_random(MEDIUM, work / "medium")
+            medium = {"fp32": blip2.load(work / "medium"), "int8": blip2.load(work / "medium", quantize="int8"),
+                      "int8-weight-only": blip2.load(work / "medium", quantize="int8-weight-only")}
+            result["medium"] = latency_table("medium LLaMA (220M)", medium, a.repeats)
+            del medium
         model_dir = a.quickstart / "instruct"
-        if (model_dir / "model" / "config.json").is_file():
+        if "quickstart" not in a.parts:
+            pass
+        elif (model_dir / "model" / "config.json").is_file():
             qs = {"fp32": blip2.load(model_dir), "int8": blip2.load(model_dir, quantize="int8")}
             images = sorted((a.quickstart / "world" / "images" / "test").glob("*.png"))[:8]
             result["quickstart"] = latency_table("quickstart InstructBLIP (SmolLM2-135M)", qs, a.repeats,
@@ -175,7 +182,7 @@ def main() -> None:
             del qs
         else:
             print(f"{model_dir}: no finished quickstart run; its figures are skipped", flush=True)
-        if not a.skip_memory:
+        if "memory" in a.parts:
             result["load_memory"] = load_memory(work)
     result["peak_rss_this_process_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     if a.json:

@@ -149,6 +149,9 @@ def test_default_targets_per_architecture(preset, kind):
     add_lora(model, r=2)
     adapted = {n.split(".")[-1] for n, m in model.llm.named_modules() if hasattr(m, "lora_A")}
     assert adapted == set(DEFAULT_TARGETS[kind])
+    px, ids, kw = _inputs(model.eval())
+    with torch.no_grad():  # the wrapped LLM decodes through the model's own loop
+        assert model.generate(px, ids, max_new_tokens=3, **kw).shape[0] == 2
 
 
 def test_lora_on_the_qformer_adapts_its_attention_and_trains_the_rest():

@@ -140,3 +140,27 @@ def quantize_llm(model, scheme: str, device=None) -> None:
     quantize_ready(model.llm, name, device=device)
     model.llm.requires_grad_(False)
     model.quantized = name
+
+
+def dequantize_llm(model) -> int:
+    """Replace the LLM's bitsandbytes layers by full-precision `nn.Linear`s of their dequantised weights (a
+    QLoRA run's export: the transformers format has no 4-bit layers). Returns how many were replaced."""
+    try:  # deferred: peft is an optional extra (lora); its helper dequantises either bitsandbytes format
+        from peft.utils.integrations import dequantize_module_weight
+    except ImportError:
+        raise QuantizeError("dequantising bitsandbytes layers needs peft: pip install 'blip2[lora]'") from None
+    replaced = 0
+    for name, module in list(model.llm.named_modules()):
+        if type(module).__module__.split(".")[0] != "bitsandbytes":
+            continue
+        w = dequantize_module_weight(module).detach().float()
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=w.device)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.float())
+        linear.requires_grad_(False)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, attr, linear)
+        replaced += 1
+    return replaced
