@@ -9,7 +9,7 @@ a streamed int8 load of a >= 1B-parameter checkpoint.
    int8 model: agreement of the answers and the accuracy of each (the `blip2 eval` scorer).
 3. Peak resident memory (ru_maxrss, each load in its own process) of `blip2.load` of a random 1.0B-parameter
    InstructBLIP-shaped checkpoint (LLaMA LLM, 1 GB shards, written to a temporary directory and deleted):
-   fp32 vs `quantize="int8"` (streamed).
+   fp32 vs `quantize="int8"` (streamed); the high-water mark VmHWM, which a new process starts afresh.
 
     .venv/bin/python benchmarks/quantize.py [--quickstart runs/quickstart] [--parts medium quickstart memory]
                                             [--json out.json]
@@ -39,7 +39,7 @@ BILLION = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, n
                num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)  # 1.04B parameters
 
 
-def _config(llm: dict) -> Blip2Config:
+def config_with_llm(llm: dict) -> Blip2Config:
     d = Blip2Config.from_preset("tiny-llama-instruct").to_dict()
     d["llm"]["hf_config"].update(llm)
     return Blip2Config.from_dict(d)
@@ -47,7 +47,7 @@ def _config(llm: dict) -> Blip2Config:
 
 def _save_random(llm: dict, directory: Path, shard: int = 2**30) -> int:
     torch.manual_seed(0)
-    model = Blip2Model(_config(llm)).eval()
+    model = Blip2Model(config_with_llm(llm)).eval()
     model.save_pretrained(directory, max_shard_size=shard)
     return sum(p.numel() for p in model.unique_parameters())
 
@@ -119,27 +119,50 @@ def vqa_agreement(fp32, int8, quickstart: Path, work: Path) -> dict:
     return out
 
 
-def _child_peak(directory: Path, quantize: str | None) -> dict:
-    code = ("import resource, sys, time, torch, blip2\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "t = time.perf_counter()\n"
-            f"m = blip2.load(sys.argv[1], quantize={quantize!r})\n"
-            "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True)
+_PEAK = ("import sys, time, torch, blip2\n"
+         "def hwm():  # the high-water mark of this process's memory (VmHWM: since exec, unlike ru_maxrss)\n"
+         "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+         "    return int(line.split()[1]) / 2**20\n"
+         "base, t = hwm(), time.perf_counter()\n"
+         "m = blip2.load(sys.argv[1], quantize=None if sys.argv[2] == 'fp32' else sys.argv[2])\n"
+         "print(base, hwm(), time.perf_counter() - t)\n")
+_WRITE = ("import sys, json, torch\n"
+          "from transformers.initialization import no_init_weights\n"
+          "sys.path.insert(0, sys.argv[3])\n"
+          "from quantize import config_with_llm\n"
+          "from blip2.model import Blip2Model\n"
+          "torch.manual_seed(0)\n"
+          "with no_init_weights():\n"
+          "    model = Blip2Model(config_with_llm(json.loads(sys.argv[2]))).eval()\n"
+          "with torch.no_grad():\n"
+          "    for p in model.parameters():\n"
+          "        p.uniform_(-0.03, 0.03)  # (cheaper than the normal initialisation; values do not matter here)\n"
+          "model.save_pretrained(sys.argv[1], max_shard_size=2**30)\n"
+          "print(sum(p.numel() for p in model.unique_parameters()))\n")
+
+
+def _run(code: str, *args) -> str:
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
-    base, peak, secs = r.stdout.split()[-3:]
-    return {"peak_gib": round(int(peak) / 2**20, 2), "after_import_gib": round(int(base) / 2**20, 2),
+    return r.stdout
+
+
+def _child_peak(directory: Path, quantize: str) -> dict:
+    """Peak memory of one load, in a fresh process."""
+    base, peak, secs = _run(_PEAK, directory, quantize).split()[-3:]
+    return {"peak_gib": round(float(peak), 2), "after_import_gib": round(float(base), 2),
             "seconds": round(float(secs), 1)}
 
 
 def load_memory(work: Path) -> dict:
     d = work / "billion"
     t = time.perf_counter()
-    n = _save_random(BILLION, d)
+    n = int(_run(_WRITE, d, json.dumps(BILLION), Path(__file__).parent).split()[-1])  # (written by a child: this
+    # process stays small)
     print(f"wrote a {n / 1e9:.2f}B-parameter checkpoint in {time.perf_counter() - t:.0f} s", flush=True)
     try:
-        fp32, int8 = _child_peak(d, None), _child_peak(d, "int8")
+        fp32, int8 = _child_peak(d, "fp32"), _child_peak(d, "int8")
     finally:
         shutil.rmtree(d, ignore_errors=True)
     out = {"parameters": n, "fp32": fp32, "int8_streamed": int8,

@@ -5,8 +5,8 @@
     quantize_ready(module, scheme)             only the linear layers whose weights are all loaded (streaming)
 
 Schemes:
-- `int8` (CPU): int8 weights with per-row scales, the activations quantised per token at run time, through
-  PyTorch's own dynamic quantisation (`torch.ao.quantization`, fbgemm / onednn int8 GEMM kernels). Measured
+- `int8` (CPU): int8 weights with per-row scales, the activations quantised (one scale per call) at run
+  time, through PyTorch's own dynamic quantisation (`torch.ao.quantization`, fbgemm / onednn int8 GEMM kernels). Measured
   faster in decoding on this project's CPU than torchao's weight-only int8 (benchmarks/quantize.py).
 - `int8-weight-only` (CPU or CUDA): torchao's `Int8WeightOnlyConfig` (int8 weights, fp32 activations).
 - `int4` (CPU or CUDA): torchao's int4 weight-only where its kernels exist for the device (checked by a probe).
