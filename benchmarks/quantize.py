@@ -106,7 +106,7 @@ def vqa_agreement(fp32, int8, quickstart: Path, work: Path) -> dict:
     res, answers = {}, {}
     for name, model in (("fp32", fp32), ("int8", int8)):
         t = time.perf_counter()
-        rep = evaluate("vqa", model, data, images=str(world), output=str(work / name), generation=gen,
+        rep = evaluate("vqa", model, str(data), images=str(world), output=str(work / name), generation=gen,
                        template=VQA_TEMPLATE, progress=False)
         res[name] = {"accuracy": round(rep["metrics"]["accuracy"], 2), "seconds": round(time.perf_counter() - t, 1)}
         answers[name] = {p["question_id"]: p["answer"] for p in json.loads((work / name / "predictions.json").read_text())}

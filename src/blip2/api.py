@@ -124,7 +124,9 @@ def load_quantized(directory: str | Path, scheme: str, dtype: torch.dtype | None
 def _place(model, name: str, value: torch.Tensor, aliases: dict, given: set, dtype: torch.dtype, source: str):
     """Put one loaded tensor into a model built on meta, and into the names tied to it that the file does
     not give themselves (a file that gives both tied names different values unties them)."""
-    v = value.to(dtype) if value.is_floating_point() else value
+    # an owned copy: safetensors may hand out a view of the mapped file, and a kept view would keep every page
+    # of its shard that was read resident
+    v = value.to(dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
     if any(a in given for a in aliases.get(name, [])):  # a tied name given again: keep the tie if equal
         mod_name, _, attr = name.rpartition(".")
         cur = model.get_submodule(mod_name)._parameters.get(attr)
