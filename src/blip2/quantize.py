@@ -6,8 +6,9 @@
 
 Schemes:
 - `int8` (CPU): int8 weights with per-row scales, the activations quantised (one scale per call) at run
-  time, through PyTorch's own dynamic quantisation (`torch.ao.quantization`, fbgemm / onednn int8 GEMM kernels). Measured
-  faster in decoding on this project's CPU than torchao's weight-only int8 (benchmarks/quantize.py).
+  time, through PyTorch's own dynamic quantisation (`torch.ao.quantization`, fbgemm / onednn int8 GEMM kernels).
+  About 2x fp32 in decoding here, torchao's weight-only int8 0.5x; but the one activation scale per call loses
+  accuracy on LLMs with outlier activations (SmolLM2: README, benchmarks/quantize.py).
 - `int8-weight-only` (CPU or CUDA): torchao's `Int8WeightOnlyConfig` (int8 weights, fp32 activations).
 - `int4` (CPU or CUDA): torchao's int4 weight-only where its kernels exist for the device (checked by a probe).
 - `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes `Linear8bitLt` / `Linear4bit` (NF4, bf16 compute), quantised when
@@ -46,7 +47,7 @@ def check_scheme(scheme: str, device=None) -> str:
     if name == "int4" and not int4_available("cuda" if cuda else "cpu"):
         raise QuantizeError(f"quantize=int4: torchao has no int4 weight-only kernel for this "
                             f"{'GPU' if cuda else 'CPU'} in the installed torch / torchao; "
-                            + ("use 'bnb-nf4'" if cuda else "use quantize='int8'"))
+                            + ("use 'bnb-nf4'" if cuda else "use quantize='int8' (fast) or 'int8-weight-only' (closer to fp32)"))
     return name
 
 
