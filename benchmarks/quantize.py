@@ -5,8 +5,8 @@ a streamed int8 load of a >= 1B-parameter checkpoint.
    at batch 1 and 8 for a medium random LLaMA (220M parameters) and for the quickstart's trained InstructBLIP
    (SmolLM2-135M): fp32, `int8` (PyTorch's dynamic int8, the default) and, for the medium model,
    `int8-weight-only` (torchao). Timings are interleaved and the best of `--repeats` is kept (a shared machine).
-2. The quickstart's held-out VQA questions (runs/quickstart/eval/vqa_test.json: test scenes, 60 per family), answered greedily by the fp32 and the
-   int8 model: agreement of the answers and the accuracy of each (the `blip2 eval` scorer).
+2. The quickstart's held-out VQA questions (runs/quickstart/eval/vqa_test.json: test scenes, 60 per family),
+   answered greedily by the fp32 and the int8 model: agreement of the answers and the accuracy of each (the `blip2 eval` scorer).
 3. Peak resident memory (ru_maxrss, each load in its own process) of `blip2.load` of a random 1.0B-parameter
    InstructBLIP-shaped checkpoint (LLaMA LLM, 1 GB shards, written to a temporary directory and deleted):
    fp32 vs `quantize="int8"` (streamed); the high-water mark VmHWM, which a new process starts afresh.
@@ -109,7 +109,8 @@ def vqa_agreement(fp32, int8, quickstart: Path, work: Path) -> dict:
         rep = evaluate("vqa", model, str(data), images=str(world), output=str(work / name), generation=gen,
                        template=VQA_TEMPLATE, progress=False)
         res[name] = {"accuracy": round(rep["metrics"]["accuracy"], 2), "seconds": round(time.perf_counter() - t, 1)}
-        answers[name] = {p["question_id"]: p["answer"] for p in json.loads((work / name / "predictions.json").read_text())}
+        preds = json.loads((work / name / "predictions.json").read_text())
+        answers[name] = {p["question_id"]: p["answer"] for p in preds}
     same = sum(answers["fp32"][k] == answers["int8"].get(k) for k in answers["fp32"])
     out = {"questions": len(answers["fp32"]), "agreement_pct": round(100 * same / len(answers["fp32"]), 1),
            "accuracy_fp32": res["fp32"]["accuracy"], "accuracy_int8": res["int8"]["accuracy"],

@@ -47,7 +47,8 @@ def check_scheme(scheme: str, device=None) -> str:
     if name == "int4" and not int4_available("cuda" if cuda else "cpu"):
         raise QuantizeError(f"quantize=int4: torchao has no int4 weight-only kernel for this "
                             f"{'GPU' if cuda else 'CPU'} in the installed torch / torchao; "
-                            + ("use 'bnb-nf4'" if cuda else "use quantize='int8' (fast) or 'int8-weight-only' (closer to fp32)"))
+                            + ("use 'bnb-nf4'" if cuda else
+                               "use quantize='int8' (fast) or 'int8-weight-only' (closer to fp32)"))
     return name
 
 
