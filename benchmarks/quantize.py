@@ -6,10 +6,11 @@ a streamed int8 load of a >= 1B-parameter checkpoint.
    (SmolLM2-135M): fp32, `int8` (PyTorch's dynamic int8, the default) and, for the medium model,
    `int8-weight-only` (torchao). Timings are interleaved and the best of `--repeats` is kept (a shared machine).
 2. The quickstart's held-out VQA questions (runs/quickstart/eval/vqa_test.json: test scenes, 60 per family),
-   answered greedily by the fp32 and the int8 model: agreement of the answers and the accuracy of each (the `blip2 eval` scorer).
-3. Peak resident memory (ru_maxrss, each load in its own process) of `blip2.load` of a random 1.0B-parameter
+   answered greedily by the fp32 and the int8 model: agreement of the answers and the accuracy of each (the
+   `blip2 eval` scorer).
+3. Peak resident memory (VmHWM, each load in its own process) of `blip2.load` of a random 1.0B-parameter
    InstructBLIP-shaped checkpoint (LLaMA LLM, 1 GB shards, written to a temporary directory and deleted):
-   fp32 vs `quantize="int8"` (streamed); the high-water mark VmHWM, which a new process starts afresh.
+   fp32 vs `quantize="int8"` (streamed). (ru_maxrss would not do: a child inherits its parent's.)
 
     .venv/bin/python benchmarks/quantize.py [--quickstart runs/quickstart] [--parts medium quickstart memory]
                                             [--json out.json]
