@@ -1,6 +1,8 @@
 """The public API: every way to get a model. `blip2/__init__.py` re-exports it.
 
     blip2.load(path)                    a transformers-format directory, a `blip2 train` run or a LAVIS .pth
+    blip2.load(path, quantize="int8")   the LLM's linear layers quantised while the checkpoint streams in
+    blip2.load(path, adapter=DIR)       LoRA adapters (a run's adapter/ directory) applied at load time
     blip2.from_preset(name)             a public checkpoint's architecture with random weights
     blip2.from_bert(bert_dir, vision)   a stage-1 model whose Q-Former starts from a BERT-family checkpoint
 
@@ -16,18 +18,22 @@ import torch
 from transformers import AutoTokenizer
 from transformers.initialization import no_init_weights
 
-from .checkpoint import NOT_IN_HF, find_checkpoint, load_into, read_checkpoint
+from .checkpoint import (NOT_IN_HF, CheckpointError, find_checkpoint, hf_to_ours, iter_weights, load_into,
+                         read_checkpoint, read_config, tied_names)
 from .config import Blip2Config, ConfigError, VisionConfig
 from .convert_bert import init_qformer_from_bert
 from .convert_lavis import fill_from_lavis, read_lavis_checkpoint
+from .lora import load_adapters
 from .model import Blip2Model
 from .processing import ImageProcessor, Processor
+from .quantize import QuantizeError, check_scheme, quantize_llm, quantize_ready
 from .stage1 import add_decoder_token, stage1_config
 
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None, device=None, config=None, vit=None, llm=None) -> Blip2Model:
+def load(path, dtype=None, device=None, config=None, vit=None, llm=None, quantize: str | None = None,
+         adapter=None) -> Blip2Model:
     """Load a checkpoint (the forms `blip2.checkpoint.find_checkpoint` accepts, as every command does):
 
     - a directory in the transformers format (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
@@ -36,14 +42,28 @@ def load(path, dtype=None, device=None, config=None, vit=None, llm=None) -> Blip
     - a LAVIS `.pth` file: `config` (a preset name, a Blip2Config or a transformers-style config.json path)
       describes the architecture; `vit` (an eva_vit_g.pth-style file) and `llm` (a transformers directory) supply
       the frozen towers the file does not hold (see `load_lavis`).
+
+    quantize: a `blip2.quantize` scheme for the LLM's linear layers ("int8" on CPU; "bnb-int8" / "bnb-nf4" on
+    CUDA; see `load_quantized`). adapter: a LoRA adapter directory (`blip2.lora.save_adapters`, a run's
+    `adapter/`), merged into the weights after loading; with `quantize` too, the model is loaded in full
+    precision, merged, then quantised (no streaming).
     """
     path = find_checkpoint(path)
     if path.suffix in (".pth", ".pt"):
         if config is None:
             raise ConfigError(f"{path}: a LAVIS checkpoint holds no architecture; pass config= (a preset name, "
                               f"e.g. 'blip2-itm-vit-g', or a config.json path)")
-        return load_lavis(path, config, vit=vit, llm=llm, dtype=dtype, device=device)
-    return load_pretrained(path, dtype=dtype, device=device)
+        model = load_lavis(path, config, vit=vit, llm=llm, device=None if quantize else device)
+    elif quantize and adapter is None:
+        return load_quantized(path, quantize, dtype=dtype, device=device)
+    else:
+        model = load_pretrained(path, device=None if quantize else device)
+    if adapter is not None:
+        load_adapters(model, adapter, merge=True)
+    if quantize:
+        quantize_llm(model, quantize, device=device)
+        return _finish(model, None, device)
+    return _finish(model, dtype, device)
 
 
 def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, device=None) -> Blip2Model:
@@ -58,6 +78,79 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, dev
     load_into(model, weights, str(d), allow_missing=NOT_IN_HF)
     model.processor = Processor.from_dir(d)
     return _finish(model, dtype, device)
+
+
+def load_quantized(directory: str | Path, scheme: str, dtype: torch.dtype | None = None, device=None) -> Blip2Model:
+    """A transformers-format checkpoint with the LLM's linear layers quantised as the weights stream in: the
+    model is built with its parameters on the meta device (no memory), each tensor is read from its shard,
+    put in place and, once a linear layer of the LLM has all its weights, that layer is quantised, so the full-
+    precision LLM never exists in memory at once (peak ~ quantised model + one tensor + the open shard's pages).
+    The Q-Former, projection and image encoder load as usual (fp32, or `dtype` when given)."""
+    try:  # deferred: accelerate is an optional extra (quantize); it builds modules with parameters on meta
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise QuantizeError("streaming quantised loading needs accelerate: pip install 'blip2[quantize]'") from None
+    d = Path(directory)
+    name = check_scheme(scheme, device)
+    if name == "int8" and dtype not in (None, torch.float32):
+        raise QuantizeError(f"quantize=int8 runs in fp32 (PyTorch's int8 kernels take fp32 activations); drop "
+                            f"dtype={dtype} or use a bitsandbytes scheme on CUDA")
+    cfg = read_config(d)
+    if cfg.llm is None:
+        raise QuantizeError(f"{d}: a {cfg.architecture} model has no LLM to quantise; load it without quantize")
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        model = Blip2Model(cfg)
+    model.llm.tie_weights()  # (accelerate's meta parameters are new objects: the ties are made again)
+    aliases, given, done = tied_names(model), set(), set()
+    for key, tensor in iter_weights(d):
+        ours, unknown = hf_to_ours({key: tensor}, cfg.architecture)
+        if unknown:
+            raise CheckpointError(f"{d}: weight {key!r} has no place in a {cfg.architecture} model")
+        for k, v in ours.items():
+            _place(model, k, v, aliases, given, dtype or torch.float32, str(d))
+            if k.startswith("llm."):
+                quantize_ready(model.llm, name, device=device, done=done)
+    missing = sorted(n for n, p in model.named_parameters() if p.device.type == "meta" and n not in NOT_IN_HF)
+    if missing:
+        raise CheckpointError(f"{d}: weights do not match the model: missing {len(missing)}: {missing[:8]}")
+    model.llm.requires_grad_(False)
+    model.quantized = name
+    model.processor = Processor.from_dir(d)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _place(model, name: str, value: torch.Tensor, aliases: dict, given: set, dtype: torch.dtype, source: str):
+    """Put one loaded tensor into a model built on meta, and into the names tied to it that the file does
+    not give themselves (a file that gives both tied names different values unties them)."""
+    # an owned copy: safetensors may hand out a view of the mapped file, and a kept view would keep every page
+    # of its shard that was read resident
+    v = value.to(dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
+    if any(a in given for a in aliases.get(name, [])):  # a tied name given again: keep the tie if equal
+        mod_name, _, attr = name.rpartition(".")
+        cur = model.get_submodule(mod_name)._parameters.get(attr)
+        quantised = cur is None or type(cur.data) is not torch.Tensor  # (torchao's tensors are subclasses)
+        if quantised or (cur.device.type != "meta" and cur.shape == v.shape and torch.equal(cur, v)):
+            given.add(name)
+            return
+    param = None
+    for n in [name] + [a for a in aliases.get(name, []) if a != name and a not in given]:
+        mod_name, _, attr = n.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        old = mod._parameters.get(attr, mod._buffers.get(attr))
+        if old is None:  # a layer quantised already from a tied tensor (e.g. the head from the embeddings)
+            if n == name and not any(a in given for a in aliases.get(name, [])):
+                raise CheckpointError(f"{source}: weight {name!r} has no place in the model")
+            continue
+        if tuple(old.shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: {name}: file {list(v.shape)} vs model {list(old.shape)}")
+        if attr in mod._parameters:
+            param = param if param is not None else torch.nn.Parameter(v, requires_grad=old.requires_grad)
+            mod._parameters[attr] = param  # tied names share one tensor
+        else:
+            mod._buffers[attr] = v
+    given.add(name)
 
 
 def load_lavis(path: str | Path, config: str | Path | Blip2Config, vit: str | Path | None = None,

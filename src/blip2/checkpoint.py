@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import Blip2Config, ConfigError
@@ -170,8 +171,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"weight file {path} is corrupt or truncated ({type(e).__name__}: {msg})") from None
 
 
-def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers checkpoint directory (single file or sharded with an index)."""
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a transformers checkpoint directory: its shards in order (from the index file), or
+    its single weight file."""
     d = Path(directory)
     for name in INDEX_FILES:
         idx = d / name
@@ -184,14 +186,35 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
             missing = [s for s in shards if not (d / s).is_file()]
             if missing:
                 raise CheckpointError(f"{d}: shard(s) {missing} listed in {name} are missing")
-            state = {}
-            for s in shards:
-                state.update(_read_file(d / s))
-            return state
+            return [d / s for s in shards]
     for name in WEIGHT_FILES:
         if (d / name).is_file():
-            return _read_file(d / name)
+            return [d / name]
     raise CheckpointError(f"{d}: no weights found (expected one of {list(WEIGHT_FILES + INDEX_FILES)})")
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers checkpoint directory (single file or sharded with an index)."""
+    state = {}
+    for f in weight_files(directory):
+        state.update(_read_file(f))
+    return state
+
+
+def iter_weights(directory: str | Path):
+    """(name, tensor) of a transformers checkpoint directory one tensor at a time, shard by shard: a streaming
+    loader holds one tensor (and the open shard's mapped pages) beside what it has built."""
+    for f in weight_files(directory):
+        if f.suffix != ".safetensors":
+            yield from _read_file(f).items()  # a pickled .bin file: memory-mapped, read whole
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    yield key, sf.get_tensor(key)
+        except Exception as e:  # safetensors errors: one line naming the file
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"weight file {f} is corrupt or truncated ({type(e).__name__}: {msg})") from None
 
 
 def read_config(directory: str | Path) -> Blip2Config:

@@ -19,6 +19,7 @@ from .demo import run_demo
 from .evaluation import distributed_session, evaluate, markdown_report
 from .info import describe
 from .processing import VQA_TEMPLATE
+from .quantize import SCHEMES
 from .quickstart.run import run_quickstart
 from .serve.app import serve
 from .serve.engine import ServeSettings
@@ -44,11 +45,16 @@ def _gen_kwargs(a) -> dict:
     return kw
 
 
+def load_options(a) -> dict:
+    """blip2.load's keyword arguments from the options `add_load_options` adds (every command that loads a model)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    return {"dtype": dtype, "device": a.device, "quantize": a.quantize, "adapter": a.adapter}
+
+
 def _load(a):
     if a.seed is not None:
         torch.manual_seed(a.seed)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    return load(a.model, dtype=dtype, device=a.device)
+    return load(a.model, **load_options(a))
 
 
 def _emit(a, rows: list[dict], key: str) -> None:
@@ -206,8 +212,7 @@ def cmd_serve(a) -> None:
         max_pending=a.max_pending, max_body_bytes=a.max_body_mb * 2**20, max_image_pixels=a.max_image_pixels,
         max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, image_root=a.image_root,
         template=a.template)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    serve(a.model, a.host, a.port, settings, dtype=dtype, device=a.device, log_level=a.log_level)
+    serve(a.model, a.host, a.port, settings, log_level=a.log_level, **load_options(a))
 
 
 def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
@@ -224,10 +229,19 @@ def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help=MODEL_HELP)
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """--dtype, --device, --quantize, --adapter: how a command loads its model (read back by `load_options`)."""
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--quantize", choices=list(SCHEMES), default=None,
+                   help="quantise the LLM's linear layers while loading: int8 (CPU), bnb-int8 / bnb-nf4 (CUDA), "
+                        "int8-weight-only / int4 (torchao)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (a run's adapter/) merged at load")
+
+
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help=MODEL_HELP)
+    add_load_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -327,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="model id reported by the API (default: the directory name)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    add_load_options(p)
     p.add_argument("--max-batch-size", type=int, default=8, help="rows per batch; 1 turns batching off")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch to fill")
     p.add_argument("--max-pending", type=int, default=64, help="queued + running requests; more get 503")

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from . import checkpoint, heads, losses
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
+from .lora import lora_train_mode
 from .processing import CAPTION_INSTRUCTION, VQA_TEMPLATE
 from .qformer import QFormer
 from .qformer_caption import qformer_generate
@@ -120,6 +121,7 @@ class Blip2Model(nn.Module):
             self.vision.eval()
         if self.llm is not None and not self.llm_trainable:
             self.llm.eval()
+        lora_train_mode(self, mode)  # adapters' dropout inside the frozen towers follows the mode
         return self
 
     def set_dtype(self, dtype: torch.dtype) -> "Blip2Model":

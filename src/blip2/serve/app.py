@@ -348,11 +348,11 @@ async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str,
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          dtype=None, device=None, log_level: str = "info") -> None:
-    """Load a checkpoint and serve it until interrupted."""
+          dtype=None, device=None, log_level: str = "info", quantize: str | None = None, adapter=None) -> None:
+    """Load a checkpoint (quantised / with a LoRA adapter: see `blip2.load`) and serve it until interrupted."""
     import uvicorn  # deferred: the optional `serve` extra
 
-    model = load(model_dir, dtype=dtype, device=device)
+    model = load(model_dir, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
     uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level)
 
 

@@ -13,8 +13,10 @@ from ..checkpoint import read_weights
 from ..config import Blip2Config, VisionConfig
 from ..convert_bert import init_qformer_from_bert
 from ..convert_lavis import load_vit_weights
+from ..lora import LoraError, add_lora
 from ..model import Blip2Model
 from ..processing import ImageProcessor, Processor
+from ..quantize import QuantizeError, quantize_llm
 from ..stage0 import ImageTextAligner, TagPretrainer
 from ..stage1 import add_decoder_token
 from ..tiny import make_bert_tokenizer, make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer
@@ -137,7 +139,28 @@ def build_model(cfg: RunConfig, work_dir: Path) -> Blip2Model:
         raise RunConfigError(f"stage {cfg.stage} trains a {' or '.join(allowed)} model, got "
                              f"{model.cfg.architecture!r}")
     model.set_trainable(vision=False, llm=False)
-    return model.float()
+    model = model.float()
+    if cfg.lora.r:
+        _add_lora(cfg, model)
+    return model
+
+
+def _add_lora(cfg: RunConfig, model: Blip2Model) -> None:
+    """LoRA adapters on the parts `lora.on` names; with `lora.quantize` (QLoRA, CUDA) the frozen LLM's linear
+    layers become bitsandbytes 4-bit / 8-bit layers first (quantised when the model moves to the GPU)."""
+    lo = cfg.lora
+    try:
+        if lo.quantize:
+            if not (torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")):
+                raise RunConfigError(f"lora.quantize={lo.quantize}: QLoRA needs a CUDA GPU (bitsandbytes); on "
+                                     f"this machine train LoRA on the full-precision LLM (unset lora.quantize)")
+            if "llm" not in lo.on:
+                raise RunConfigError("lora.quantize: the quantised LLM needs adapters on it (lora.on: [llm, ...])")
+            quantize_llm(model, "bnb-" + lo.quantize, device="cuda")
+        add_lora(model, lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules or None,
+                 on=lo.on)
+    except (LoraError, QuantizeError) as e:
+        raise RunConfigError(str(e)) from None
 
 
 def _tokenizers(cfg: RunConfig, bcfg: Blip2Config, tok_dir: Path):

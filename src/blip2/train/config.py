@@ -110,11 +110,37 @@ class OptimSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (through peft), on as soon as `r` > 0: `on` lists the parts that get them (llm, qformer,
+    vision); `target_modules` empty = each part's defaults (blip2.lora.DEFAULT_TARGETS). On CUDA,
+    `quantize: nf4 | int8` keeps the frozen LLM in 4 / 8 bits (bitsandbytes) under the adapters: QLoRA."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=list)
+    on: Any = field(default_factory=lambda: ["llm"])  # a list, or one part name
+    quantize: str | None = None  # CUDA only: nf4 | int8 (the frozen LLM's weights, bitsandbytes)
+
+    def __post_init__(self):
+        if isinstance(self.on, str):
+            self.on = [self.on]
+        if not isinstance(self.on, list) or not self.on or any(p not in ("llm", "qformer", "vision") for p in self.on):
+            raise RunConfigError(f"lora.on: a list of llm, qformer, vision; got {self.on!r}")
+        if self.r < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise RunConfigError(f"lora: r >= 0, alpha > 0 and 0 <= dropout < 1; got r={self.r}, "
+                                 f"alpha={self.alpha}, dropout={self.dropout}")
+        if self.quantize not in (None, "nf4", "int8"):
+            raise RunConfigError(f"lora.quantize: nf4 or int8 (QLoRA, CUDA), got {self.quantize!r}")
+
+
+@dataclass
 class RunConfig:
     stage: str = "stage1"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     output_dir: str = "runs/train"
     max_steps: int = 100
     save_every: int = 0  # 0 = only at the end
@@ -158,6 +184,12 @@ class RunConfig:
             raise RunConfigError("val_every: stage 0 has no validation; set it to 0")
         if self.data.val_task not in (None, "caption", "vqa", "retrieval"):
             raise RunConfigError(f"data.val_task: caption, vqa or retrieval, got {self.data.val_task!r}")
+        if self.lora.r and self.stage in ("stage0", "stage1"):
+            raise RunConfigError(f"lora.r: LoRA is for stage2 and instruct (a model with an LLM), not {self.stage}")
+        if self.lora.r and self.fsdp:
+            raise RunConfigError("lora.r: LoRA adapters and fsdp (a sharded frozen LLM) do not combine; set fsdp=false")
+        if self.lora.r and "vision" in self.lora.on and self.data.feature_cache:
+            raise RunConfigError("lora.on: vision adapters change the encoder's outputs; unset data.feature_cache")
         if m.architecture not in (None, "blip2", "instructblip"):
             raise RunConfigError(f"model.architecture: blip2 or instructblip, got {m.architecture!r}")
 

@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import save_pretrained
 from ..convert_lavis import save_lavis
+from ..files import atomic_dir
+from ..lora import lora_parts, merge_lora, save_adapters
+from ..quantize import dequantize_llm
 from .build import build_model
 from .config import RunConfig, save_run_config
 from .fsdp import ddp_ignore, full_state_dict, shard_frozen_llm
@@ -246,6 +249,12 @@ def _export(cfg: RunConfig, model, out_dir: Path, full_state, summary: dict) -> 
     if cfg.stage == "stage0":  # the image encoder alone, for the next stages' model.vit_path
         model.export(out_dir / "model")
     else:
+        if lora_parts(model):  # the adapters alone (PEFT format), then merged into the exported model
+            with atomic_dir(out_dir / "adapter") as tmp:
+                save_adapters(model, tmp)
+            merge_lora(model)
+            if cfg.lora.quantize:  # QLoRA: the 4-bit LLM (adapters merged) written in full precision
+                dequantize_llm(model)
         save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
         save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
