@@ -14,6 +14,7 @@ finished or cancelled may stop early (the runner checks `Job.settled`).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter, deque
@@ -41,6 +42,7 @@ class Job:
     cancelled: bool = False  # the client went away
     finished: bool = False  # its final event was emitted
     _released: bool = False  # its slot was given back
+    _on_settle: Callable[[], None] = lambda: None  # gives the slot back (set by Batcher.submit)
 
     @property
     def settled(self) -> bool:
@@ -50,11 +52,13 @@ class Job:
     def done(self, result: Any) -> None:
         if not self.settled:
             self.finished = True
+            self._on_settle()  # first: a client that has its answer sees its slot free
             self.emit(("done", result))
 
     def fail(self, error: BaseException) -> None:
         if not self.settled:
             self.finished = True
+            self._on_settle()
             self.emit(("error", error))
 
 
@@ -111,6 +115,7 @@ class Batcher:
             if self.max_queue is not None and len(self._queue) >= self.max_queue:
                 raise Backlogged(f"{len(self._queue)} requests are waiting to start (the limit is {self.max_queue})")
             self._open += 1
+            job._on_settle = functools.partial(self._release, job)
             self._queue.append(job)
             self._cond.notify_all()
         return job

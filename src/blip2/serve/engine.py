@@ -69,8 +69,8 @@ class ServeSettings:
             raise ValueError(f"ServeSettings.engine must be 'continuous' or 'batch', got {self.engine!r}")
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
             raise ValueError(f"ServeSettings.prefill_chunk must be an int >= 1, got {self.prefill_chunk!r}")
-        if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
-            raise ValueError(f"ServeSettings.max_queue must be None or an int >= 0, got {self.max_queue!r}")
+        if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 1):
+            raise ValueError(f"ServeSettings.max_queue must be None or an int >= 1, got {self.max_queue!r}")
         if self.visual_cache_mb < 0 or self.shutdown_timeout_s < 0:
             raise ValueError(f"ServeSettings.visual_cache_mb ({self.visual_cache_mb}) and shutdown_timeout_s "
                              f"({self.shutdown_timeout_s}) must be >= 0")
@@ -218,7 +218,9 @@ class Engine:
         if decoding.do_sample and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         # Beam search is not prefix-consistent: only requests with the same max_tokens may share its batches.
-        key = (task, prompt is None, decoding, max_tokens if decoding.num_beams > 1 else None)
+        # Beam sampling draws for all rows from one generator, so each of its requests is a batch of its own.
+        alone = object() if decoding.do_sample and decoding.num_beams > 1 else None
+        key = (task, prompt is None, decoding, max_tokens if decoding.num_beams > 1 else None, alone)
         payload = GenPayload(pixels, prompt, qformer, max_tokens, seed if decoding.do_sample else None, stream,
                              image_key=_pixel_hash(pixels))
         return Job(key=key, payload=payload, rows=decoding.n)
@@ -250,7 +252,7 @@ class Engine:
             self._run_generate(jobs)
 
     def _run_generate(self, jobs: list) -> None:
-        task, _, dec, _ = jobs[0].key
+        task, _, dec, _, _ = jobs[0].key
         m, dev = self.model, self.model.device
         payloads = [j.payload for j in jobs]
         progress = Progress(self, jobs, dec.n)
@@ -259,6 +261,8 @@ class Engine:
         if dec.do_sample:
             gen.update(do_sample=True, temperature=dec.temperature, top_p=dec.top_p, top_k=dec.top_k,
                        generator=[torch.Generator(device=dev).manual_seed(p.seed) for p in payloads])
+            if dec.num_beams > 1:  # beam sampling: one request per batch (see generation_job), one generator
+                gen["generator"] = gen["generator"][0]
         if dec.num_beams == 1:
             gen["streamer"] = progress.step  # beams are not final until the end: no streaming
         pixels = torch.stack([p.pixels for p in payloads]).to(dev)  # (B, 3, S, S)
