@@ -255,7 +255,8 @@ def _add_task_routes(app, web: SimpleNamespace, engine: Engine, settings: ServeS
         events = jobs.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return jobs.stream(web, _chat_events(events, rid, created, name, body.n), job)
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return jobs.stream(web, _chat_events(events, rid, created, name, body.n, usage), job)
         result = await jobs.result_of(request, job, events)
         if result is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
@@ -307,12 +308,13 @@ def _chat_completion(result: dict, rid: str, created: int, name: str) -> dict:
     return out
 
 
-async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str, n: int):
-    """OpenAI's chat.completion.chunk stream: a role chunk, content deltas, a finish chunk per choice, [DONE]."""
+async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str, n: int, usage: bool = False):
+    """OpenAI's chat.completion.chunk stream: a role chunk, content deltas, a finish chunk per choice, (with
+    stream_options.include_usage) a chunk with the usage and no choices, [DONE]."""
 
-    def chunk(choices: list[dict]) -> str:
+    def chunk(choices: list[dict], **extra) -> str:
         return "data: " + dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                  "model": name, "choices": choices}) + "\n\n"
+                                 "model": name, "choices": choices, **extra}) + "\n\n"
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                  for i in range(n)])
@@ -325,6 +327,8 @@ async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str,
             result = rest[0]
             yield chunk([{"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
                          for c in result["choices"]])
+            if usage:
+                yield chunk([], usage=_usage(result))
             break
         else:  # the status line is already sent: the error travels as an event
             yield "data: " + dumps(_error_of(rest[-1])[1]) + "\n\n"

@@ -114,7 +114,7 @@ class ContinuousBatcher(Batcher):
         if "logits_to_keep" in params:
             self._kw["logits_to_keep"] = 1
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers' newer name
-        self._prefilling: list[_Sequence] = []
+        self._prefilling: list = []  # jobs waiting for their prefill, then (from its start) _Sequences
         self._running_seqs: list[_Sequence] = []
         self._cache = None  # DynamicCache of the running rows [N, H, W, d]
         self._mask = self._pos = None  # [N, W] 1 = real key; [N] position of the next fed token
@@ -161,7 +161,7 @@ class ContinuousBatcher(Batcher):
                     if batch is None:
                         continue
                     return batch, []
-                rows = sum(s.rows for s in self._running_seqs + self._prefilling)
+                rows = sum(_rows(s) for s in self._running_seqs + self._prefilling)
                 admitted = []
                 for job in list(self._queue):
                     if not self._steppable(job):
@@ -171,7 +171,7 @@ class ContinuousBatcher(Batcher):
                                 self._queue.remove(j)
                             return batch, []
                         break
-                    need = max(job.key[2].num_beams, job.key[2].n)
+                    need = _rows(job)
                     if (busy or admitted) and rows + need > self.max_batch_rows:
                         break  # first come, first served: a large request is not overtaken
                     self._queue.remove(job)
@@ -192,16 +192,16 @@ class ContinuousBatcher(Batcher):
                 continue
             try:
                 with torch.inference_mode():
-                    for job in admitted:
-                        self._admit(job)
+                    with self._cond:
+                        self._prefilling.extend(admitted)  # jobs until their prefill starts, then sequences
                     self._prefill_some()
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker survives
                 log.exception("decode step failed")
-                seqs = self._running_seqs + self._prefilling
-                for s in seqs:
-                    s.job.fail(e)
-                self._settle([s.job for s in seqs])
+                jobs = [s if isinstance(s, Job) else s.job for s in self._running_seqs + self._prefilling]
+                for job in jobs:
+                    job.fail(e)
+                self._settle(jobs)
                 with self._cond:
                     self._running_seqs, self._prefilling, self._cache = [], [], None
 
@@ -221,13 +221,11 @@ class ContinuousBatcher(Batcher):
                 hf = m.llm.config
                 ids = [hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id]
             embeds = m.llm_inputs_embeds(vis[None], torch.tensor([ids], device=m.device))  # (1, L, D)
-            seq = _Sequence(job, self.engine, embeds)
+            return _Sequence(job, self.engine, embeds)
         except Exception as e:  # noqa: BLE001 - this request fails alone
             job.fail(e)
             self._settle([job])
-            return
-        with self._cond:
-            self._prefilling.append(seq)
+            return None
 
     def _visual_prompt(self, p) -> torch.Tensor:
         m = self.engine.model
@@ -246,6 +244,14 @@ class ContinuousBatcher(Batcher):
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
             seq = self._prefilling[0]
+            if isinstance(seq, Job):  # its turn: the image encoder and Q-Former run now, not at admission
+                job, seq = seq, None if seq.settled else self._admit(seq)
+                with self._cond:
+                    if seq is None:
+                        self._prefilling.pop(0)
+                        self._settle([job])
+                        continue
+                    self._prefilling[0] = seq
             if seq.job.settled:
                 self._drop_prefilling(seq)
                 continue
@@ -335,6 +341,14 @@ class ContinuousBatcher(Batcher):
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self._mask = self._mask[:, first:]
+
+
+def _rows(item) -> int:
+    """Batch rows of a job or sequence: its beams or samples."""
+    if isinstance(item, _Sequence):
+        return item.rows
+    dec = item.key[2]
+    return max(dec.num_beams, dec.n)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
