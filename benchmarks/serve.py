@@ -221,7 +221,7 @@ def open_loop(port: int, rate: float, images: list[str], a) -> dict:
             futures.append(pool.submit(_stream, port, body, t0 + at, end - (t0 + at)))
         results = [f.result() for f in futures]
     last = max((t0 + r["latency"] for r in results if r["latency"] is not None), default=time.perf_counter())
-    out = _summary(results, last - t0)
+    out = _summary(results, max(a.duration, last - t0))  # arrivals span the duration at least
     out["offered_per_s"] = round(len(times) / a.duration, 2)
     return out
 

@@ -19,6 +19,7 @@ disconnects gives its slot back at once. Every response carries an X-Request-ID.
 # No `from __future__ import annotations` here: FastAPI reads the route annotations (request models, Request),
 # which `_web` imports and `_add_task_routes` puts in scope, from the live function objects.
 import asyncio
+import copy
 import socket
 import threading
 import time
@@ -346,8 +347,11 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: S
 
     model = load(model_dir, dtype=dtype, device=device)
     settings = settings or ServeSettings()
-    uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    # our per-request log line (with the request id) replaces uvicorn's access log, on uvicorn's handler
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["blip2.serve"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level, log_config=log_config,
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s)
 
 
 class BackgroundServer:

@@ -198,12 +198,17 @@ class ContinuousBatcher(Batcher):
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker survives
                 log.exception("decode step failed")
-                jobs = [s if isinstance(s, Job) else s.job for s in self._running_seqs + self._prefilling]
-                for job in jobs:
-                    job.fail(e)
-                self._settle(jobs)
-                with self._cond:
-                    self._running_seqs, self._prefilling, self._cache = [], [], None
+                self._fail_all(e)
+        self._fail_all(RuntimeError("the server is shutting down"))  # stopped before they finished
+
+    def _fail_all(self, error: BaseException) -> None:
+        jobs = [s if isinstance(s, Job) else s.job for s in self._running_seqs + self._prefilling]
+        for job in jobs:
+            job.fail(error)
+        self._settle(jobs)
+        with self._cond:
+            self._running_seqs, self._prefilling = [], []
+            self._cache = self._mask = self._pos = None
 
     def _settle(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -211,8 +216,8 @@ class ContinuousBatcher(Batcher):
                 job.fail(RuntimeError("the batch ended without a result for this request"))
             self._release(job)
 
-    def _admit(self, job: Job) -> None:
-        """Visual prompt (cached) + embedded prompt -> a sequence waiting for its prefill."""
+    def _admit(self, job: Job) -> _Sequence | None:
+        """Visual prompt (cached) + embedded prompt -> a sequence ready for its prefill (None: the job failed)."""
         try:
             m, p = self.engine.model, job.payload
             vis = self._visual_prompt(p)  # (P, D)
