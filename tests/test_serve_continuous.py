@@ -21,7 +21,6 @@ pytest.importorskip("prometheus_client", reason="the serve extra (prometheus-cli
 
 import blip2  # noqa: E402
 from blip2.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
-from blip2.serve.batching import Job  # noqa: E402
 from blip2.serve.continuous import ContinuousBatcher  # noqa: E402
 from blip2.serve.engine import Decoding, Engine  # noqa: E402
 from blip2.serve.vcache import VisualCache  # noqa: E402
@@ -110,6 +109,34 @@ def test_continuous_equals_alone_with_requests_joining_mid_decode(opt, monkeypat
         assert stats["largest_batch"] >= 3, stats  # they did decode together
         assert jobs[0].payload.first_token_at < jobs[1].arrived  # and joined a running decode
         assert all(j.finished for j in jobs) and stats["pending"] == 0
+    finally:
+        batcher.stop()
+
+
+def test_requests_starting_together_share_one_prefill(opt, monkeypatch):
+    """Requests admitted at the same step boundary: one batched encoder / Q-Former pass and one left-padded
+    prefill, and still each one's ids alone."""
+    engine = Engine(opt, ServeSettings(model_name="tiny"))
+    args = [(i, Decoding(), k, None) for i, k in zip(range(4), (5, 9, 3, 7))]
+    args.append((1, Decoding(do_sample=True, temperature=0.8), 6, 21))
+    expected = _alone(engine, args)
+    prefills = []
+    forward = opt.llm.forward
+
+    @functools.wraps(forward)
+    def spy(*a, **kw):
+        if kw.get("inputs_embeds") is not None:
+            prefills.append(kw["inputs_embeds"].shape[0])
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(opt.llm, "forward", spy)
+    batcher = ContinuousBatcher(engine, max_batch_rows=16).start()
+    with batcher._cond:  # the worker cannot take any before all are queued: they are admitted together
+        jobs = [batcher.submit(_job(engine, *a)) for a in args]
+    try:
+        assert all(j.event.wait(60) for j in jobs)
+        assert [_texts(j) for j in jobs] == expected
+        assert prefills == [5], prefills  # one prefill of the five prompts (left-padded to the longest)
     finally:
         batcher.stop()
 

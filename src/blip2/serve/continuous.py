@@ -7,16 +7,17 @@ requests, at most `prefill_chunk` prompt tokens per step in all, so that a long 
 running decodes, and (4) runs one batched decode step. Jobs the step loop does not take (ITM, Q-Former
 captions, encoder-decoder LLMs) run whole, batched by key as in blip2.serve.batching, between two steps.
 
-Why a request gets exactly what it gets alone:
-  * its visual prompt is computed for its image alone (or taken from the visual-prompt cache, which holds that
-    very tensor), and its prompt is prefilled alone, in the same chunks as it would be alone, into a cache of
-    its own, with the positions and mask (none: no padding) a lone run uses;
+Why a request gets the ids it gets alone:
+  * its visual prompt comes from the visual-prompt cache, or is computed in one batch with the other requests
+    starting in the same step; its prompt is prefilled with theirs in one left-padded batch (mask, positions
+    from the mask: exactly the batch-at-once engine's prefill), or, when it is long or has several rows (beams,
+    n samples), alone in chunks of `prefill_chunk` (a lone request is chunked the same way);
   * its search (blip2.search: greedy, sampling with its own seeded torch.Generator, beam search) runs on its
     own rows' logits with its own `max_tokens`, so the tokens come from the same ops as alone;
   * in the batched decode step the requests' KV caches are left-padded to one length and the pads masked out
     (attention mask) while each row keeps its own position ids (= its own length): a masked key adds an exact
     0 to the softmax. What can still differ is the float rounding of a batched matmul vs a single-row one;
-    the server tests check that ids are equal (as for the batch-at-once engine).
+    the tests check that the ids are equal (the standard the batch-at-once engine is held to).
 The cache lives in one transformers DynamicCache whose layers' key / value tensors [N, H, W, d] are re-made
 when a request joins (concatenated, padded on the left) or rows leave / beams reorder (one index_select).
 """
@@ -26,13 +27,13 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
-import threading
 import time
 
 import torch
 
 from ..generation import GenerationConfig, new_dynamic_cache, special_tokens
 from ..search import make_search
+from ..processing import pad_ids
 from .batching import Batcher, Job
 from .engine import Engine, Progress, Settled
 from .vcache import VisualCache
@@ -216,11 +217,12 @@ class ContinuousBatcher(Batcher):
                 job.fail(RuntimeError("the batch ended without a result for this request"))
             self._release(job)
 
-    def _admit(self, job: Job) -> _Sequence | None:
-        """Visual prompt (cached) + embedded prompt -> a sequence ready for its prefill (None: the job failed)."""
+    def _admit(self, job: Job, vis: torch.Tensor | None = None) -> _Sequence | None:
+        """Visual prompt [P, D] (given, cached or computed) + embedded prompt -> a sequence ready for its prefill
+        (None: the job failed, alone)."""
         try:
             m, p = self.engine.model, job.payload
-            vis = self._visual_prompt(p)  # (P, D)
+            vis = vis if vis is not None else self._visual_prompts([job])[0]
             ids = p.prompt_ids
             if ids is None:  # caption: decoder-only LLMs start from BOS (as Blip2Model.generate)
                 hf = m.llm.config
@@ -232,33 +234,67 @@ class ContinuousBatcher(Batcher):
             self._settle([job])
             return None
 
-    def _visual_prompt(self, p) -> torch.Tensor:
-        m = self.engine.model
-        key = (self.engine.settings.model_name, p.image_key, tuple(p.qformer_ids or ()))
-        vis = self.visual_cache.get(key) if self.visual_cache is not None else None
-        if vis is None:
-            q_ids = torch.tensor([p.qformer_ids], device=m.device) if p.qformer_ids is not None else None
-            q_mask = torch.ones_like(q_ids) if q_ids is not None else None
-            vis = m.visual_prompts(p.pixels[None].to(m.device), q_ids, q_mask)[1][0]  # (P, D)
-            if self.visual_cache is not None:
-                self.visual_cache.put(key, vis)
-        return vis
+    def _visual_prompts(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """The visual prompts [P, D] of jobs: from the cache, the misses in one batch (as batch-at-once does)."""
+        m, proc = self.engine.model, self.engine.proc
+        keys = [(self.engine.settings.model_name, j.payload.image_key, tuple(j.payload.qformer_ids or ()))
+                for j in jobs]
+        found = [self.visual_cache.get(k) if self.visual_cache is not None else None for k in keys]
+        miss = [i for i, v in enumerate(found) if v is None]
+        if miss:
+            pixels = torch.stack([jobs[i].payload.pixels for i in miss]).to(m.device)  # (M, 3, S, S)
+            q_ids = q_mask = None
+            if jobs[miss[0]].payload.qformer_ids is not None:  # InstructBLIP: right-padded, as the processor
+                q_ids, q_mask = pad_ids([jobs[i].payload.qformer_ids for i in miss],
+                                        proc.qformer_tokenizer.pad_token_id, "right", m.device)
+            vis = m.visual_prompts(pixels, q_ids, q_mask)[1]  # (M, P, D)
+            for row, i in enumerate(miss):
+                found[i] = vis[row]
+                if self.visual_cache is not None:
+                    self.visual_cache.put(keys[i], vis[row])
+        return found
+
+    def _start(self) -> None:
+        """The jobs at the head of the prefill line become sequences (their image encoder and Q-Former run now,
+        not at admission, in one batch)."""
+        head = []
+        for item in self._prefilling:
+            if not isinstance(item, Job):
+                break
+            head.append(item)
+        if not head:
+            return
+        live = [j for j in head if not j.settled]
+        try:
+            vis = dict(zip(map(id, live), self._visual_prompts(live)))
+        except Exception:  # noqa: BLE001 - one at a time, so that a bad request fails alone
+            vis = {}
+        seqs = [self._admit(j, vis.get(id(j))) if not j.settled else None for j in head]
+        self._settle([j for j, seq in zip(head, seqs) if seq is None])
+        with self._cond:
+            self._prefilling[: len(head)] = [seq for seq in seqs if seq is not None]
 
     def _prefill_some(self) -> None:
-        """Up to prefill_chunk prompt tokens of the oldest waiting prefills, each in chunks as it would be alone."""
+        """Up to prefill_chunk prompt tokens of the oldest waiting prefills: the one-row prompts that start
+        together and fit, in one left-padded batch; a long or multi-row one alone, chunk by chunk."""
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
+            self._start()
+            if not self._prefilling:
+                return
             seq = self._prefilling[0]
-            if isinstance(seq, Job):  # its turn: the image encoder and Q-Former run now, not at admission
-                job, seq = seq, None if seq.settled else self._admit(seq)
-                with self._cond:
-                    if seq is None:
-                        self._prefilling.pop(0)
-                        self._settle([job])
-                        continue
-                    self._prefilling[0] = seq
             if seq.job.settled:
                 self._drop_prefilling(seq)
+                continue
+            group = []
+            for other in self._prefilling:
+                if (isinstance(other, Job) or other.rows != 1 or other.done_prefill
+                        or sum(s.length for s in group) + other.length > budget):
+                    break
+                group.append(other)
+            if len(group) > 1:
+                self._prefill_group(group)
+                budget -= sum(s.length for s in group)
                 continue
             n = min(self.prefill_chunk, seq.length - seq.done_prefill)
             start, lm = seq.done_prefill, self.engine.model.llm
@@ -279,31 +315,63 @@ class ContinuousBatcher(Batcher):
                 if seq.finished:
                     self._settle([seq.job])
                 else:
-                    self._join(seq)
+                    mask = torch.ones(seq.rows, seq.length, dtype=torch.long, device=seq.tokens.device)
+                    self._join([seq], seq.cache, mask)
+
+    def _prefill_group(self, group: list[_Sequence]) -> None:
+        """One prefill for several one-row prompts, left-padded with masks and mask-derived positions exactly as
+        the batch-at-once engine prefills a batch; then they join the running batch."""
+        lm, W = self.engine.model.llm, max(s.length for s in group)
+        embeds = torch.cat([_left_pad(s.embeds, W, dim=1) for s in group])  # (G, W, D)
+        mask = torch.cat([_left_pad(torch.ones(1, s.length, dtype=torch.long, device=embeds.device), W, dim=1)
+                          for s in group])  # (G, W)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' positions for a padded batch
+        cache = new_dynamic_cache(lm)
+        kw = {**self._kw, "position_ids": pos, self._cache_arg: cache}
+        if "logits_to_keep" in kw:
+            kw["logits_to_keep"] = torch.tensor([W - 1], device=embeds.device)
+        logits = lm(inputs_embeds=embeds, attention_mask=None if bool(mask.all()) else mask,
+                    **kw).logits[:, -1].float()  # (G, V)
+        with self._cond:
+            del self._prefilling[: len(group)]
+        keep = []
+        for i, s in enumerate(group):
+            s.embeds = None
+            s.observe(logits[i:i + 1])  # one row: no reorder
+            if s.finished:
+                self._settle([s.job])
+            else:
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(group):
+            index = torch.tensor(keep, device=embeds.device)
+            cache.reorder_cache(index)
+            mask = mask[index]
+        self._join([group[i] for i in keep], cache, mask)
 
     def _drop_prefilling(self, seq: _Sequence) -> None:
         with self._cond:
             self._prefilling.remove(seq)
         self._settle([seq.job])
 
-    def _join(self, seq: _Sequence) -> None:
-        """Add a prefilled sequence's cache [rows, H, L, d] to the running batch's, left-padding the shorter."""
-        L = seq.length
-        mask = torch.ones(seq.rows, L, dtype=torch.long, device=seq.tokens.device)
-        pos = torch.full((seq.rows,), L, dtype=torch.long, device=seq.tokens.device)
+    def _join(self, seqs: list[_Sequence], cache, mask: torch.Tensor) -> None:
+        """Add prefilled sequences, their cache [rows, H, L, d] and mask [rows, L], to the running batch,
+        left-padding the narrower of the two."""
+        pos = mask.sum(1)  # (rows,) each row's real length: the position of its next token
         if self._cache is None:
-            self._cache, self._mask, self._pos = seq.cache, mask, pos
+            self._cache, self._mask, self._pos = cache, mask, pos
         else:
-            W = self._mask.shape[1]
-            width = max(W, L)
-            for mine, theirs in zip(self._cache.layers, seq.cache.layers):
+            width = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers):
                 mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], 0)
                 mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], 0)
             self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
             self._pos = torch.cat([self._pos, pos])
-        seq.cache = None
+        for seq in seqs:
+            seq.cache = None
         with self._cond:
-            self._running_seqs.append(seq)
+            self._running_seqs.extend(seqs)
 
     def _step(self) -> None:
         """One decode step for every running sequence; finished ones leave, beams reorder."""
