@@ -19,7 +19,7 @@ PACKAGE = SRC / "blip2"
 
 # top-level packages a function may import: the optional extras (and where the serve extra is used)
 DEFERRED = {"pyarrow", "fastapi", "starlette", "uvicorn", "matplotlib", "webdataset", "braceexpand", "gguf", "timm",
-            "pycocoevalcap", "skimage", "torch.utils.tensorboard", "blip2.serve.app",
+            "pycocoevalcap", "skimage", "torch.utils.tensorboard", "prometheus_client", "blip2.serve.app",
             "blip2.serve.schemas", "peft", "torchao", "accelerate", "bitsandbytes",
             "sklearn", "av", "spacy"}  # the `eval` extra; spaCy (OK-VQA lemmas) is optional and in no extra
 

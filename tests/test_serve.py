@@ -106,8 +106,8 @@ def srv(opt):
 
 @pytest.fixture(scope="module")
 def batch_srv(opt):
-    """Waits 300 ms for company, so that concurrent requests share batches."""
-    with _server(opt[3], max_wait_ms=300, max_batch_rows=16) as s:
+    """The batch-at-once engine, waiting 300 ms for company, so that concurrent requests share batches."""
+    with _server(opt[3], engine="batch", max_wait_ms=300, max_batch_rows=16) as s:
         yield Client(s.url)
 
 
@@ -224,7 +224,7 @@ def test_beam_search_batched_equals_alone(opt, batch_srv, srv):
 def test_instructblip_batched_equals_alone_and_transformers(kind, tmp_path):
     hf, proc = _checkpoint(kind, tmp_path)
     model = blip2.load(tmp_path)
-    with _server(model, max_wait_ms=300) as s, _server(model, max_batch_rows=1) as one:
+    with _server(model, engine="batch", max_wait_ms=300) as s, _server(model, max_batch_rows=1) as one:
         c, c1 = Client(s.url), Client(one.url)
         bodies = [chat_body(img, q, max_tokens=k) for img, q, k in zip(IMAGES[:3], QUESTIONS, (5, 8, 3))]
         together = [out["choices"][0]["message"]["content"] for _, out in concurrently(c, "/v1/chat/completions",
@@ -497,13 +497,14 @@ def test_full_queue_is_503(slow_llm):
         assert status == 503 and out["error"]["code"] == "busy"
 
 
-def test_model_failure_is_a_json_500_or_an_error_event(opt, monkeypatch):
+@pytest.mark.parametrize("engine", ["batch", "continuous"])
+def test_model_failure_is_a_json_500_or_an_error_event(opt, monkeypatch, engine):
     def broken(*a, **kw):
         raise RuntimeError("out of memory (simulated)")
 
-    with _server(opt[3]) as s:
+    with _server(opt[3], engine=engine) as s:
         c = Client(s.url)
-        monkeypatch.setattr(opt[3], "generate", broken)
+        monkeypatch.setattr(opt[3].llm, "forward", broken)
         status, out = c.post("/v1/chat/completions", chat_body(IMAGES[0], "hi"))
         assert status == 500 and out["error"]["type"] == "server_error" and "simulated" in out["error"]["message"]
         status, events = c.post("/v1/chat/completions", chat_body(IMAGES[0], "hi", stream=True))

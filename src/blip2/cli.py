@@ -211,7 +211,9 @@ def cmd_serve(a) -> None:
         model_name=a.name or Path(a.model).name, max_batch_rows=a.max_batch_size, max_wait_ms=a.max_wait_ms,
         max_pending=a.max_pending, max_body_bytes=a.max_body_mb * 2**20, max_image_pixels=a.max_image_pixels,
         max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens, image_root=a.image_root,
-        template=a.template)
+        template=a.template, engine=a.engine, prefill_chunk=a.prefill_chunk, visual_cache_mb=a.visual_cache_mb,
+        max_queue=a.max_queue, api_key=a.api_key or os.environ.get("BLIP2_API_KEY") or None,
+        cors_origins=tuple(a.cors_origin))
     serve(a.model, a.host, a.port, settings, log_level=a.log_level, **load_options(a))
 
 
@@ -352,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="allow local image paths, only under this folder")
     p.add_argument("--template", default=None, help=f'BLIP-2 chat prompt template, default "{VQA_TEMPLATE}"')
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--engine", choices=["continuous", "batch"], default="continuous",
+                   help="continuous: step-level batching (requests join and leave every decode step); "
+                        "batch: batch-at-once (a batch runs to its end)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="continuous: prompt tokens prefilled per step")
+    p.add_argument("--visual-cache-mb", type=float, default=256.0,
+                   help="continuous: LRU of visual prompts per image (repeated images skip the encoder); 0: off")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting to start; more get 429")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set BLIP2_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow this origin by CORS (repeatable; default: CORS off)")
     p = add("quickstart", cmd_quickstart)
     p.add_argument("--smoke", action="store_true", help="the same pipeline at toy size (a few minutes)")
     p.add_argument("--output", default=None, help="run directory (default runs/quickstart, or runs/quickstart-smoke; "

@@ -28,21 +28,19 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
-__all__ = ["GenerationConfig", "generate", "decode"]
+from .search import make_search
 
-_NEG = -1.0e9  # transformers' "impossible" beam score; finite so that sums of it stay comparable
+__all__ = ["GenerationConfig", "decode", "generate", "new_dynamic_cache", "special_tokens"]
 
 
 @dataclass
@@ -144,7 +142,7 @@ class GenerationConfig:
 # Special tokens
 
 
-def _special_tokens(lm, cfg: GenerationConfig, encoder_decoder: bool):
+def special_tokens(lm, cfg: GenerationConfig, encoder_decoder: bool):
     """(eos ids tuple or None, pad id or None, decoder start id or None), resolved like transformers:
     unset fields come from `lm.generation_config`; pad falls back to eos[0]; decoder start falls back to bos."""
     gc = getattr(lm, "generation_config", None)
@@ -199,7 +197,7 @@ def _forward_params(lm) -> set[str]:
 _EMPTY_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> (its config, empty cache)
 
 
-def _new_dynamic_cache(lm):
+def new_dynamic_cache(lm):
     """An empty cache laid out like the one transformers' generate makes (`DynamicCache(config=...)`: layer
     types, e.g. sliding windows, come from the config). Built once per model and copied: building it
     deep-copies encoder-decoder configs, which costs more than a short generation step."""
@@ -248,7 +246,7 @@ class _CausalLMRunner:
             self.step_pos = self.position_ids[:, -1:] + steps
         # transformers drops an all-ones mask (no padding); otherwise the mask grows by one 1 per step:
         # precompute it once and slice [N, L + t] instead of concatenating every step.
-        self.cache = _new_dynamic_cache(lm)
+        self.cache = new_dynamic_cache(lm)
         if mask is None or bool((mask == 1).all()):
             self.prefill_mask = self.step_mask = None
         else:
@@ -287,14 +285,6 @@ class _CausalLMRunner:
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache.reorder_cache(rows)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Go on with these rows only [n] (the others finished): the cache, the mask and positions shrink."""
-        self.cache.reorder_cache(rows)
-        if self.step_mask is not None:
-            self.step_mask = self.step_mask[rows]
-        if self.position_ids is not None:
-            self.step_pos = self.step_pos[rows]
-
 
 class _Seq2SeqRunner:
     """Encoder-decoder LM: encode once on B rows, expand the encoder states, decode from the start token."""
@@ -306,7 +296,7 @@ class _Seq2SeqRunner:
         if expand > 1:
             hidden = hidden.repeat_interleave(expand, 0)  # [N, S, D]
             mask = mask.repeat_interleave(expand, 0) if mask is not None else None
-        self.cache = EncoderDecoderCache(_new_dynamic_cache(lm), _new_dynamic_cache(lm))
+        self.cache = EncoderDecoderCache(new_dynamic_cache(lm), new_dynamic_cache(lm))
         self.kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
                        "attention_mask": _cross_attention_mask(lm, hidden, mask),
                        "use_cache": True, "return_dict": True}
@@ -334,14 +324,6 @@ class _Seq2SeqRunner:
     def reorder(self, rows: torch.Tensor) -> None:
         (self.cache.self_attention_cache if self.cross_rows_equal else self.cache).reorder_cache(rows)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Go on with these rows only [n]: both caches, the encoder states and the cross-attention mask shrink."""
-        self.cache.reorder_cache(rows)
-        enc = self.kwargs["encoder_outputs"]
-        self.kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=enc.last_hidden_state[rows])
-        if self.kwargs["attention_mask"] is not None:
-            self.kwargs["attention_mask"] = self.kwargs["attention_mask"][rows]
-
 
 def _rows_repeat(x: torch.Tensor | None, n: int) -> bool:
     """Is x [N, ...] made of groups of n bit-identical consecutive rows?"""
@@ -360,203 +342,6 @@ def _cross_attention_mask(lm, hidden: torch.Tensor, mask: torch.Tensor | None):
     mask4d = create_bidirectional_mask(config=lm.get_decoder().config, inputs_embeds=query, attention_mask=mask,
                                        encoder_hidden_states=hidden)
     return mask4d if isinstance(mask4d, torch.Tensor) and mask4d.dim() == 4 else mask
-
-
-# --------------------------------------------------------------------------------------------------------
-# Logits processors, in transformers' order: repetition penalty, min length, then (sampling only)
-# temperature, top-k, top-p.
-
-
-class _Scores:
-    def __init__(self, cfg: GenerationConfig, eos, prompt_ids, ignore_len, min_keep: int):
-        """prompt_ids: [N, P] ids that precede the generated ones in transformers' history (P may be 0);
-        ignore_len: [N] or None, history positions < ignore_len are not penalised."""
-        self.cfg, self.min_keep = cfg, min_keep
-        self.eos = torch.tensor(eos, device=prompt_ids.device) if eos is not None else None
-        self.rep = cfg.repetition_penalty if cfg.repetition_penalty != 1.0 else None
-        self.prompt_ids, self.ignore_len, self.P = prompt_ids, ignore_len, prompt_ids.shape[1]
-        self.seen = None  # [N, V] bool: tokens of the (non-ignored) history, built at the first call
-
-    def _init_seen(self, V: int):
-        ids = self.prompt_ids
-        if self.ignore_len is not None and self.P:
-            pos = torch.arange(self.P, device=ids.device)
-            ids = ids.masked_fill(pos[None] < self.ignore_len[:, None], V)
-        seen = torch.zeros(ids.shape[0], V + 1, dtype=torch.bool, device=ids.device)
-        seen.scatter_(1, ids.clamp(max=V), True)  # ids beyond the LM head (or ignored) land in column V
-        self.seen = seen[:, :V]
-
-    def __call__(self, scores: torch.Tensor, n_new: int) -> torch.Tensor:
-        """scores [N, V] -> processed scores; n_new = tokens generated so far."""
-        if self.rep is not None:
-            if self.seen is None:
-                self._init_seen(scores.shape[-1])
-            p = self.rep
-            scores = torch.where(self.seen, torch.where(scores < 0, scores * p, scores / p), scores)
-        if self.eos is not None and n_new < self.cfg.min_new_tokens:
-            scores = scores.index_fill(1, self.eos, -math.inf)
-        if self.cfg.do_sample:
-            scores = self._warp(scores)
-        return scores
-
-    def _warp(self, scores: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.temperature != 1.0:
-            scores = scores / cfg.temperature
-        if cfg.top_k:
-            k = min(max(cfg.top_k, self.min_keep), scores.shape[-1])
-            kth = torch.topk(scores, k)[0][..., -1:]
-            scores = scores.masked_fill(scores < kth, -math.inf)
-        if cfg.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - cfg.top_p  # low tail whose mass is <= 1 - top_p
-            drop[..., -self.min_keep :] = False
-            scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
-        return scores
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Go on with these rows only (greedy search drops finished rows)."""
-        self.prompt_ids = self.prompt_ids[rows]
-        if self.ignore_len is not None:
-            self.ignore_len = self.ignore_len[rows]
-        if self.seen is not None:
-            self.seen = self.seen[rows]
-
-    def observe(self, tokens: torch.Tensor, n_new: int, rows: torch.Tensor | None = None) -> None:
-        """Record the n_new-th (0-based) generated token of each row; `rows` first reorders the history
-        (beam search: row i continues row rows[i])."""
-        if self.seen is None:  # no repetition penalty, or not started
-            return
-        if rows is not None:
-            self.seen = self.seen[rows]
-        add = torch.ones_like(tokens, dtype=torch.bool)
-        if self.ignore_len is not None:
-            add = (self.P + n_new) >= self.ignore_len
-        r = torch.arange(tokens.shape[0], device=tokens.device)
-        self.seen[r, tokens] |= add
-
-
-# --------------------------------------------------------------------------------------------------------
-# Decoding loops
-
-
-def _greedy_or_sample(runner, scores_fn: _Scores, cfg: GenerationConfig, eos, pad) -> torch.Tensor:
-    logits = runner.prefill()
-    N, T = logits.shape[0], cfg.max_new_tokens
-    out = torch.full((N, T), pad if pad is not None else 0, dtype=torch.long, device=logits.device)
-    unfinished = torch.ones(N, dtype=torch.bool, device=logits.device)
-    # Greedy search drops finished rows from the batch (no LM work for them; their later tokens are pad, as
-    # transformers gives them). Not when sampling (fewer rows would draw other random numbers) or streaming
-    # (the streamer sees every row at every step).
-    drop = eos is not None and not cfg.do_sample and cfg.streamer is None
-    alive = torch.arange(N, device=logits.device)  # the output rows still decoding
-    t = 0
-    for t in range(T):
-        scores = scores_fn(logits, t)
-        if cfg.do_sample:
-            tokens = _sample(F.softmax(scores, dim=-1), cfg.generator)
-        else:
-            tokens = torch.argmax(scores, dim=-1)
-        if eos is not None:
-            tokens = tokens.masked_fill(~unfinished, pad)  # finished rows are padded
-            unfinished &= ~torch.isin(tokens, scores_fn.eos)
-        out[alive, t] = tokens
-        if cfg.streamer is not None:
-            cfg.streamer(tokens, t)
-        scores_fn.observe(tokens, t)
-        if t + 1 == T or (eos is not None and not bool(unfinished.any())):
-            break
-        if drop and not bool(unfinished.all()):
-            rows = unfinished.nonzero().squeeze(1)
-            runner.keep(rows)
-            scores_fn.keep(rows)
-            alive, tokens, unfinished = alive[rows], tokens[rows], unfinished[rows]
-        logits = runner.step(tokens, t + 1)
-    return out[:, : t + 1]
-
-
-def _sample(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One token per row [N] from probs [N, V]; with one generator per input (B of them), input i's rows
-    (N // B consecutive ones) draw from generator i exactly as they would in a batch of their own."""
-    if not isinstance(generator, (list, tuple)):
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-    groups = probs.view(len(generator), -1, probs.shape[-1])  # (B, N // B, V)
-    return torch.cat([torch.multinomial(p, num_samples=1, generator=g) for p, g in zip(groups, generator)]).squeeze(1)
-
-
-def _beam_search(runner, scores_fn: _Scores, cfg: GenerationConfig, B: int, eos, fill: int) -> torch.Tensor:
-    """transformers' vectorised beam search: keep the top K2 = max(2, 1 + #eos) * K continuations so that K
-    of them can keep running, move EOS-ending ones (among the top K) into a pool of K finished hypotheses
-    per row scored by logprob / length ** length_penalty."""
-    K, T, lp, es = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, cfg.early_stopping
-    K2 = max(2, 1 + (len(eos) if eos is not None else 0)) * K
-    logits = runner.prefill()
-    dev = logits.device
-    run_scores = torch.zeros(B, K, device=dev)
-    run_scores[:, 1:] = _NEG  # only beam 0 is live at first, so the K beams do not pick the same tokens
-    run_tokens = torch.full((B, K, T), fill, dtype=torch.long, device=dev)  # generated tokens of running beams
-    fin_tokens = run_tokens.clone()  # finished hypotheses [B, K, T], with scores, lengths, "is real" flags
-    fin_scores = torch.full((B, K), _NEG, device=dev)
-    fin_lens = torch.zeros(B, K, dtype=torch.long, device=dev)
-    fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)  # may a running beam still beat the worst finished?
-    in_top_k = torch.arange(K2, device=dev) < K  # only the best K candidates may be finalised
-    row_offset = torch.arange(B, device=dev)[:, None] * K
-    for t in range(T):
-        logp = scores_fn(F.log_softmax(logits, dim=-1), t)
-        V = logp.shape[-1]
-        acc = (logp.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
-        if cfg.do_sample:
-            idx = torch.multinomial(F.softmax(acc, dim=-1), num_samples=K2, generator=cfg.generator)
-            top, order = acc.gather(1, idx).sort(dim=-1, descending=True)
-            idx = idx.gather(-1, order)
-        else:
-            top, idx = torch.topk(acc, k=K2)
-        src, tok = idx // V, idx % V  # [B, K2] source beam and token of each candidate
-        cand = torch.take_along_dim(run_tokens, src[:, :, None], dim=1)  # [B, K2, T]
-        cand[:, :, t] = tok
-        if t + 1 >= T:
-            hits = torch.ones_like(tok, dtype=torch.bool)  # max length reached
-        elif eos is not None:
-            hits = torch.isin(tok, scores_fn.eos)
-        else:
-            hits = torch.zeros_like(tok, dtype=torch.bool)
-
-        # Running beams for the next step: the best K candidates that did not stop.
-        run_cand = top + hits.to(torch.float32) * _NEG
-        keep = torch.topk(run_cand, k=K)[1]
-        run_tokens = torch.take_along_dim(cand, keep[:, :, None], dim=1)
-        run_scores = run_cand.gather(1, keep)
-        origin = src.gather(1, keep)
-
-        # Finished pool: merge stopped candidates (length-penalised) with the pool, keep the best K.
-        just_done = hits & in_top_k
-        fin_cand = top / ((t + 1) ** lp)
-        fin_cand += (fin_done.all(-1, keepdim=True) & (es is True)).to(torch.float32) * _NEG
-        fin_cand += (~improvable).to(torch.float32) * _NEG
-        fin_cand += (~just_done) * _NEG
-        best = torch.topk(torch.cat([fin_scores, fin_cand], 1), k=K)[1]
-        fin_tokens = torch.take_along_dim(torch.cat([fin_tokens, cand], 1), best[:, :, None], dim=1)
-        fin_scores = torch.cat([fin_scores, fin_cand], 1).gather(1, best)
-        fin_lens = torch.cat([fin_lens, torch.full_like(tok, t + 1)], 1).gather(1, best)
-        fin_done = torch.cat([fin_done, just_done], 1).gather(1, best)
-
-        # Stop when no row can improve, or (early_stopping=True) all pools are full, or nothing can continue.
-        best_len = T if (es == "never" and lp > 0.0) else t + 1
-        best_running = run_scores[:, :1] / (best_len**lp)
-        worst_done = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], _NEG)
-        improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
-        if not bool(improvable.any()) or (es is True and bool(fin_done.all())) or bool(hits.all()):
-            break
-        rows = (origin + row_offset).view(-1)
-        runner.reorder(rows)
-        tokens = run_tokens[:, :, t].reshape(-1)
-        scores_fn.observe(tokens, t, rows)
-        logits = runner.step(tokens, t + 1)
-
-    n = cfg.num_return_sequences
-    length = int(fin_lens[:, :n].max())
-    return fin_tokens[:, :n, :length].reshape(B * n, length)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -588,7 +373,7 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
     if enc_dec and (input_ids is not None or position_ids is not None):
         raise ValueError("generate: input_ids / position_ids apply to decoder-only LMs; an encoder-decoder LM "
                          "takes only inputs_embeds and attention_mask")
-    eos, pad, start = _special_tokens(lm, cfg, enc_dec)
+    eos, pad, start = special_tokens(lm, cfg, enc_dec)
     _warn_not_implemented(lm)
     expand = max(cfg.num_beams, cfg.num_return_sequences)
     dev = inputs_embeds.device
@@ -613,20 +398,16 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
 
 def decode(runner, batch_size: int, cfg: GenerationConfig, eos: list[int] | None, pad: int,
            history: torch.Tensor, ignore_len: torch.Tensor | None = None) -> torch.LongTensor:
-    """The search (greedy, sampling or beam) over any runner: an object with `prefill() -> logits [N, V]`,
-    `step(tokens [N], t) -> logits [N, V]`, `reorder(rows [N])` and `keep(rows [n])` (go on with
-    those rows only: greedy search drops finished ones, so N shrinks), whose N = batch_size * max(num_beams,
-    num_return_sequences) rows are already expanded. history [N, P]: the ids the repetition penalty sees
-    before the first new token; ignore_len [N]: leading history positions it skips (left padding)."""
-    if cfg.num_beams > 1:
-        min_keep = 1 + (len(eos) if eos is not None else 1)
-    else:
-        min_keep = 1
-    if isinstance(cfg.generator, (list, tuple)) and len(cfg.generator) != batch_size:
-        raise ValueError(f"generate: {len(cfg.generator)} generators for a batch of {batch_size} inputs")
-    scores_fn = _Scores(cfg, eos, history, ignore_len, min_keep)
-    if cfg.num_beams == 1:
-        return _greedy_or_sample(runner, scores_fn, cfg, eos, pad)
-    # transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 counts as unset), -1 without EOS
-    fill = (pad if pad else eos[0]) if eos is not None else -1
-    return _beam_search(runner, scores_fn, cfg, batch_size, eos, fill)
+    """The search (greedy, sampling or beam; blip2.search) over any runner: an object with
+    `prefill() -> logits [N, V]`, `step(tokens [N], t) -> logits [N, V]` and `reorder(rows [N])`, whose
+    N = batch_size * max(num_beams, num_return_sequences) rows are already expanded. history [N, P]: the ids the
+    repetition penalty sees before the first new token; ignore_len [N]: leading history positions it skips."""
+    search = make_search(cfg, batch_size, eos, pad, history, ignore_len)
+    logits = runner.prefill()
+    while True:
+        tokens, rows = search.step(logits)
+        if search.done:
+            return search.result()
+        if rows is not None:
+            runner.reorder(rows)
+        logits = runner.step(tokens, search.t)

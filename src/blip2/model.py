@@ -240,10 +240,15 @@ class Blip2Model(nn.Module):
             input_ids = torch.zeros(B, 0, dtype=torch.long, device=vis.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        inputs_embeds = torch.cat([vis.to(embeds.dtype), embeds], dim=1)  # (B, F*Q + T, D)
+        inputs_embeds = self.llm_inputs_embeds(vis, input_ids)  # (B, F*Q + T, D)
         mask = torch.cat([torch.ones(B, n_vis, dtype=attention_mask.dtype, device=vis.device), attention_mask], 1)
         return q, vis, input_ids, inputs_embeds, mask, labels
+
+    def llm_inputs_embeds(self, visual_prompt: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The LLM input: the soft visual prompt [B, P, D] (`visual_prompts`), then the embedded text ids [B, T]
+        (text only, no placeholders) -> [B, P + T, D] in the embeddings' dtype."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        return torch.cat([visual_prompt.to(embeds.dtype), embeds], dim=1)
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,

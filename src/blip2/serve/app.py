@@ -5,18 +5,21 @@
     POST /v1/caption           captions (LLM checkpoints; stage-1 checkpoints with a Q-Former LM head)
     POST /v1/itm               image-text match scores: P(match) from the ITM head and the ITC similarity
     GET  /health               status and batching statistics
+    GET  /metrics              Prometheus metrics (blip2.serve.telemetry)
     GET  /v1/models            the model and what it can do
     GET  /                     a web page: drop an image, ask, watch the answer stream in
 
 Every error is JSON {"error": {"message", "type", "code"}}; what the client got wrong gets a 4xx (413 for
-bodies and images over the limits), a full queue a 503. Requests run through the dynamic batcher
-(blip2.serve.batching); a client that disconnects gives its slot back at once.
+bodies and images over the limits, 401 without the API key when one is set, 429 with Retry-After when
+`max_queue` requests already wait), a full set of slots a 503. Requests run through the continuous batcher
+(blip2.serve.continuous) or, with engine="batch", the batch-at-once one (blip2.serve.batching); a client that
+disconnects gives its slot back at once. Every response carries an X-Request-ID.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route annotations (request models, Request),
 # which `_web` imports and `_add_task_routes` puts in scope, from the live function objects.
 import asyncio
-import json
+import copy
 import socket
 import threading
 import time
@@ -26,69 +29,33 @@ from importlib.resources import files
 from types import SimpleNamespace
 
 from ..api import __version__, load
-from .batching import Batcher, Job, QueueFull
+from .batching import Backlogged, Batcher, Job, QueueFull
+from .continuous import ContinuousBatcher
 from .engine import Engine, RequestError, ServeSettings
+from .middleware import BodyLimit, Operations, dumps, error_body
+from .telemetry import Metrics
+from .vcache import VisualCache
 
 __all__ = ["create_app", "serve", "BackgroundServer"]
 
 
-def _dumps(obj) -> str:
-    # ASCII escapes keep lone surrogates from the request (echoed in validation messages) encodable
-    return json.dumps(obj, ensure_ascii=True)
-
-
-def _error_body(message: str, status: int, code: str | None = None) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message[:1000], "type": kind, "code": code}}
-
-
 def _error_of(exc: BaseException) -> tuple[int, dict]:
     if isinstance(exc, RequestError):
-        return exc.status, _error_body(str(exc), exc.status, exc.code)
-    return 500, _error_body(f"internal error: {type(exc).__name__}: {exc}", 500, "internal_error")
+        return exc.status, error_body(str(exc), exc.status, exc.code)
+    return 500, error_body(f"internal error: {type(exc).__name__}: {exc}", 500, "internal_error")
 
 
-class _BodyLimit:
-    """ASGI middleware: refuses bodies over `limit` bytes with 413 before anything parses them (Content-Length
-    or counted while reading), then replays the body to the app."""
+_ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/caption", "/v1/itm")
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(send, length.isdigit())
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                return await self._refuse(send, True)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # e.g. http.disconnect, which streaming responses listen for
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send, too_large: bool):
-        status = 413 if too_large else 400
-        msg = f"the request body is larger than {self.limit} bytes" if too_large else "invalid Content-Length"
-        data = _dumps(_error_body(msg, status, "body_too_large" if too_large else None)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": data})
+def make_batcher(engine: Engine, settings: ServeSettings) -> Batcher:
+    """The continuous batcher (with its visual-prompt cache) or, with engine="batch", the batch-at-once one."""
+    s = settings
+    if s.engine == "batch":
+        return Batcher(engine.run, s.max_batch_rows, s.max_wait_ms / 1000, s.max_pending, s.max_queue)
+    cache = VisualCache(int(s.visual_cache_mb * 2**20)) if s.visual_cache_mb > 0 else None
+    return ContinuousBatcher(engine, s.max_batch_rows, s.max_wait_ms / 1000, s.max_pending, s.max_queue,
+                             s.prefill_chunk, cache)
 
 
 def create_app(model, settings: ServeSettings | None = None):
@@ -96,20 +63,26 @@ def create_app(model, settings: ServeSettings | None = None):
     web = _web()
     settings = settings or ServeSettings()
     engine = Engine(model, settings)
-    batcher = Batcher(engine.run, settings.max_batch_rows, settings.max_wait_ms / 1000, settings.max_pending)
+    batcher = make_batcher(engine, settings)
+    metrics = Metrics(batcher.stats)
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
-        batcher.stop()
+        # graceful: running and queued requests finish (up to shutdown_timeout_s), new ones get 503
+        await web.run_in_threadpool(batcher.stop, 10.0, settings.shutdown_timeout_s)
 
     app = web.FastAPI(title="blip2", version=__version__, lifespan=lifespan)
-    app.state.engine, app.state.batcher = engine, batcher
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, metrics
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.cors_origins:  # off by default: browsers then refuse cross-site calls
+        app.add_middleware(web.CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Operations, metrics=metrics, api_key=settings.api_key, endpoints=_ENDPOINTS)
     _add_error_handlers(app, web)
-    _add_info_routes(app, web, engine, batcher, settings.model_name)
-    _add_task_routes(app, web, engine, settings, _Jobs(batcher))
+    _add_info_routes(app, web, engine, batcher, settings.model_name, metrics)
+    _add_task_routes(app, web, engine, settings, _Jobs(batcher, metrics))
     return app
 
 
@@ -117,6 +90,7 @@ def _web() -> SimpleNamespace:
     """The names of the `serve` extra the app is made of, imported when an app is made."""
     # deferred: fastapi, starlette and pydantic (the request schemas) are the optional `serve` extra
     from fastapi import FastAPI, Request
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.exceptions import RequestValidationError
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -124,10 +98,10 @@ def _web() -> SimpleNamespace:
 
     from . import schemas
 
-    def json_response(obj, status: int = 200) -> Response:
-        return Response(_dumps(obj), status_code=status, media_type="application/json")
+    def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
+        return Response(dumps(obj), status_code=status, media_type="application/json", headers=headers)
 
-    return SimpleNamespace(FastAPI=FastAPI, Request=Request, RequestValidationError=RequestValidationError,
+    return SimpleNamespace(FastAPI=FastAPI, CORSMiddleware=CORSMiddleware, Request=Request, RequestValidationError=RequestValidationError,
                            run_in_threadpool=run_in_threadpool, HTTPException=HTTPException,
                            HTMLResponse=HTMLResponse, Response=Response, StreamingResponse=StreamingResponse,
                            schemas=schemas, json=json_response)
@@ -143,23 +117,23 @@ def _add_error_handlers(app, web: SimpleNamespace) -> None:
         if request.method == "POST" and not (ctype == "application/json" or ctype.endswith("+json")):
             # FastAPI parses JSON only with a JSON content type: a page on another site cannot then post to a
             # local server without the browser asking (CORS preflight), and this server never says yes
-            return json_response(_error_body(f"send the body as JSON with Content-Type: application/json "
+            return json_response(error_body(f"send the body as JSON with Content-Type: application/json "
                                              f"(got {ctype or 'none'!r})", 415, "unsupported_media_type"), 415)
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return json_response(_error_body("the request body is not valid JSON", 400, "invalid_json"), 400)
+            return json_response(error_body("the request body is not valid JSON", 400, "invalid_json"), 400)
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = str(first.get("msg", "invalid request"))
-        return json_response(_error_body(f"{loc}: {msg}" if loc else msg, 400, "invalid_request"), 400)
+        return json_response(error_body(f"{loc}: {msg}" if loc else msg, 400, "invalid_request"), 400)
 
     @app.exception_handler(web.HTTPException)
     async def _http(request, exc):
-        return json_response(_error_body(str(exc.detail), exc.status_code), exc.status_code)
+        return json_response(error_body(str(exc.detail), exc.status_code), exc.status_code)
 
     @app.exception_handler(RequestError)
     async def _refused(request, exc: RequestError):
         status, body = _error_of(exc)
-        return json_response(body, status)
+        return json_response(body, status, exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):  # a bug: still JSON
@@ -170,14 +144,20 @@ def _add_error_handlers(app, web: SimpleNamespace) -> None:
 class _Jobs:
     """Jobs between the HTTP handlers and the batcher: submitted, awaited, released when nobody waits."""
 
-    def __init__(self, batcher: Batcher):
-        self.batcher = batcher
+    def __init__(self, batcher: Batcher, metrics: Metrics):
+        self.batcher, self.metrics = batcher, metrics
 
     def submit(self, job: Job) -> asyncio.Queue:
         """Queue the job; its events arrive in the returned asyncio queue."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
+        metrics = self.metrics
+
         def emit(event):
+            if event[0] == "done" and "choices" in event[1]:  # a generation: tokens and time to first token
+                metrics.tokens.inc(sum(c["tokens"] for c in event[1]["choices"]))
+                if job.payload.first_token_at is not None:
+                    metrics.ttft.observe(job.payload.first_token_at - job.arrived)
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop is gone (shutdown)
@@ -188,6 +168,9 @@ class _Jobs:
             self.batcher.submit(job)
         except QueueFull as e:
             raise RequestError(f"the server is busy ({e}); retry later", status=503, code="busy") from None
+        except Backlogged as e:
+            raise RequestError(f"too many requests ({e}); retry later", status=429, code="rate_limited",
+                               headers={"Retry-After": "1"}) from None
         return events
 
     def release(self, job: Job) -> None:
@@ -228,8 +211,9 @@ class _Jobs:
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _add_info_routes(app, web: SimpleNamespace, engine: Engine, batcher: Batcher, name: str) -> None:
-    """GET /, /health and /v1/models."""
+def _add_info_routes(app, web: SimpleNamespace, engine: Engine, batcher: Batcher, name: str,
+                     metrics: Metrics) -> None:
+    """GET /, /health, /metrics and /v1/models."""
     page = (files("blip2.serve") / "static" / "index.html").read_text(encoding="utf-8")
     started = int(time.time())
 
@@ -240,6 +224,11 @@ def _add_info_routes(app, web: SimpleNamespace, engine: Engine, batcher: Batcher
     @app.get("/health")
     async def health():
         return web.json({"status": "ok", "model": name, **batcher.stats()})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        data, ctype = metrics.render()
+        return web.Response(data, media_type=ctype)
 
     @app.get("/v1/models")
     async def models():
@@ -267,7 +256,8 @@ def _add_task_routes(app, web: SimpleNamespace, engine: Engine, settings: ServeS
         events = jobs.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return jobs.stream(web, _chat_events(events, rid, created, name, body.n), job)
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return jobs.stream(web, _chat_events(events, rid, created, name, body.n, usage), job)
         result = await jobs.result_of(request, job, events)
         if result is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
@@ -319,12 +309,13 @@ def _chat_completion(result: dict, rid: str, created: int, name: str) -> dict:
     return out
 
 
-async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str, n: int):
-    """OpenAI's chat.completion.chunk stream: a role chunk, content deltas, a finish chunk per choice, [DONE]."""
+async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str, n: int, usage: bool = False):
+    """OpenAI's chat.completion.chunk stream: a role chunk, content deltas, a finish chunk per choice, (with
+    stream_options.include_usage) a chunk with the usage and no choices, [DONE]."""
 
-    def chunk(choices: list[dict]) -> str:
-        return "data: " + _dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                  "model": name, "choices": choices}) + "\n\n"
+    def chunk(choices: list[dict], **extra) -> str:
+        return "data: " + dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                 "model": name, "choices": choices, **extra}) + "\n\n"
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                  for i in range(n)])
@@ -337,9 +328,11 @@ async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str,
             result = rest[0]
             yield chunk([{"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
                          for c in result["choices"]])
+            if usage:
+                yield chunk([], usage=_usage(result))
             break
         else:  # the status line is already sent: the error travels as an event
-            yield "data: " + _dumps(_error_of(rest[-1])[1]) + "\n\n"
+            yield "data: " + dumps(_error_of(rest[-1])[1]) + "\n\n"
             break
     yield "data: [DONE]\n\n"
 
@@ -353,7 +346,12 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: S
     import uvicorn  # deferred: the optional `serve` extra
 
     model = load(model_dir, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
-    uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level)
+    settings = settings or ServeSettings()
+    # our per-request log line (with the request id) replaces uvicorn's access log, on uvicorn's handler
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["blip2.serve"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level, log_config=log_config,
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s)
 
 
 class BackgroundServer:

@@ -15,9 +15,11 @@ What makes a batch give each request what it gets alone:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,7 @@ from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE, pad_ids
 from ..qformer_caption import qformer_generate
 from .batching import Job
 
-__all__ = ["Decoding", "Engine", "RequestError", "ServeSettings"]
+__all__ = ["Decoding", "Engine", "GenPayload", "ItmPayload", "Progress", "RequestError", "ServeSettings", "Settled"]
 
 log = logging.getLogger("blip2.serve")
 
@@ -50,24 +52,49 @@ class ServeSettings:
     max_pending: int = 64  # queued + running requests; more get HTTP 503
     image_root: str | None = None  # local image files are read only under this folder (None: never)
     template: str | None = None  # chat prompt template for BLIP-2 (None: "Question: {} Short answer:")
+    engine: str = "continuous"  # "continuous": step-level batching (blip2.serve.continuous); "batch": batch-at-once
+    prefill_chunk: int = 256  # continuous: prompt tokens prefilled per step (a long prompt does not stall decodes)
+    visual_cache_mb: float = 256.0  # continuous: LRU of visual prompts (Q-Former outputs) per image; 0 turns it off
+    max_queue: int | None = None  # requests waiting to start; more get HTTP 429 with Retry-After (None: no limit)
+    api_key: str | None = None  # clients must send "Authorization: Bearer KEY" (None: no auth)
+    cors_origins: tuple = ()  # origins allowed by CORS (empty: CORS off, browsers refuse cross-site calls)
+    shutdown_timeout_s: float = 30.0  # on shutdown, how long running requests may take to finish
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_image_pixels", "max_prompt_tokens", "max_tokens", "default_max_tokens",
                      "max_n", "max_itm_texts", "max_batch_rows", "max_pending"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ServeSettings.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.engine not in ("continuous", "batch"):
+            raise ValueError(f"ServeSettings.engine must be 'continuous' or 'batch', got {self.engine!r}")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            raise ValueError(f"ServeSettings.prefill_chunk must be an int >= 1, got {self.prefill_chunk!r}")
+        if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 1):
+            raise ValueError(f"ServeSettings.max_queue must be None or an int >= 1, got {self.max_queue!r}")
+        if self.visual_cache_mb < 0 or self.shutdown_timeout_s < 0:
+            raise ValueError(f"ServeSettings.visual_cache_mb ({self.visual_cache_mb}) and shutdown_timeout_s "
+                             f"({self.shutdown_timeout_s}) must be >= 0")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("ServeSettings.api_key must not be empty (None: no auth)")
         if self.max_wait_ms < 0:
             raise ValueError(f"ServeSettings.max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.template is not None and self.template.count("{}") != 1:
             raise ValueError(f"ServeSettings.template needs exactly one {{}} for the question, got {self.template!r}")
 
 
+def _pixel_hash(pixels: torch.Tensor) -> str:
+    """sha256 of the decoded, preprocessed pixels (shape and dtype included): equal images, equal key."""
+    h = hashlib.sha256(f"{tuple(pixels.shape)}{pixels.dtype}".encode())
+    h.update(pixels.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class RequestError(ValueError):
     """A request the server refuses; `status` is the HTTP status (4xx)."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_request"):
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request", headers: dict | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.headers = status, code, headers or {}
 
 
 @dataclass(frozen=True)
@@ -90,6 +117,8 @@ class GenPayload:
     max_tokens: int
     seed: int | None  # sampling only
     stream: bool
+    image_key: str = ""  # hash of the pixels (visual-prompt cache key, with the Q-Former instruction)
+    first_token_at: float | None = None  # time.monotonic() of the first generated token (time to first token)
 
 
 @dataclass(eq=False)
@@ -98,7 +127,7 @@ class ItmPayload:
     texts: list[list[int]]  # Q-Former token ids of each text
 
 
-class _Settled(Exception):
+class Settled(Exception):
     """Raised from the streamer to end a batch that no request needs any more."""
 
 
@@ -189,8 +218,11 @@ class Engine:
         if decoding.do_sample and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         # Beam search is not prefix-consistent: only requests with the same max_tokens may share its batches.
-        key = (task, prompt is None, decoding, max_tokens if decoding.num_beams > 1 else None)
-        payload = GenPayload(pixels, prompt, qformer, max_tokens, seed if decoding.do_sample else None, stream)
+        # Beam sampling draws for all rows from one generator, so each of its requests is a batch of its own.
+        alone = object() if decoding.do_sample and decoding.num_beams > 1 else None
+        key = (task, prompt is None, decoding, max_tokens if decoding.num_beams > 1 else None, alone)
+        payload = GenPayload(pixels, prompt, qformer, max_tokens, seed if decoding.do_sample else None, stream,
+                             image_key=_pixel_hash(pixels))
         return Job(key=key, payload=payload, rows=decoding.n)
 
     def itm_job(self, image, texts: list[str]):
@@ -220,15 +252,17 @@ class Engine:
             self._run_generate(jobs)
 
     def _run_generate(self, jobs: list) -> None:
-        task, _, dec, _ = jobs[0].key
+        task, _, dec, _, _ = jobs[0].key
         m, dev = self.model, self.model.device
         payloads = [j.payload for j in jobs]
-        progress = _Progress(self, jobs, dec.n)
+        progress = Progress(self, jobs, dec.n)
         gen = dict(max_new_tokens=max(p.max_tokens for p in payloads), num_beams=dec.num_beams,
                    num_return_sequences=dec.n, eos_token_id=sorted(self.eos))
         if dec.do_sample:
             gen.update(do_sample=True, temperature=dec.temperature, top_p=dec.top_p, top_k=dec.top_k,
                        generator=[torch.Generator(device=dev).manual_seed(p.seed) for p in payloads])
+            if dec.num_beams > 1:  # beam sampling: one request per batch (see generation_job), one generator
+                gen["generator"] = gen["generator"][0]
         if dec.num_beams == 1:
             gen["streamer"] = progress.step  # beams are not final until the end: no streaming
         pixels = torch.stack([p.pixels for p in payloads]).to(dev)  # (B, 3, S, S)
@@ -246,7 +280,7 @@ class Engine:
                                          "right", dev)
                 out = m.generate(pixels, input_ids=ids, attention_mask=mask, qformer_input_ids=q_ids,
                                  qformer_attention_mask=q_mask, **gen)
-        except _Settled:
+        except Settled:
             pass
         progress.finish(out)
 
@@ -274,7 +308,7 @@ class _Row:
     emitted: str = ""  # text already streamed
 
 
-class _Progress:
+class Progress:
     """Per-row bookkeeping for one batch: appends each step's tokens, streams text to streaming requests,
     answers each request as soon as its rows are finished, and ends the batch when nobody needs it."""
 
@@ -292,6 +326,10 @@ class _Progress:
     def step(self, tokens: torch.Tensor, t: int) -> None:
         """GenerationConfig.streamer: tokens [B * n] of step t."""
         toks = tokens.tolist()
+        if t == 0:
+            now = time.monotonic()
+            for job in self.jobs:
+                job.payload.first_token_at = now
         for j, (job, rows) in enumerate(zip(self.jobs, self.rows)):
             if job.settled:
                 continue
@@ -303,7 +341,7 @@ class _Progress:
             if all(row.reason for row in rows):
                 self._finish(job, rows)
         if all(job.settled for job in self.jobs):
-            raise _Settled
+            raise Settled
 
     def _stream(self, job, r: int, row: _Row) -> None:
         # The last word may still change (sub-word merges, clean-up of spaces before punctuation, a split
@@ -341,5 +379,7 @@ class _Progress:
                     log.warning("streamed text %r is not a prefix of the final text %r", row.emitted, text)
             choices.append({"index": r, "text": text, "finish_reason": row.reason, "tokens": len(row.ids)})
         p = job.payload
+        if p.first_token_at is None:  # beam search: the tokens arrive at the end
+            p.first_token_at = time.monotonic()
         prompt_tokens = len(p.prompt_ids or []) + self.engine.model.num_query_tokens
         job.done({"choices": choices, "prompt_tokens": prompt_tokens, "seed": p.seed})

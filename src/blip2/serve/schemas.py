@@ -69,10 +69,15 @@ class Sampling(_Body):
         return min(settings.default_max_tokens, settings.max_tokens) if value is None else value
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False  # OpenAI's: a last chunk with no choices and the token counts
+
+
 class ChatRequest(Sampling):
     model: str | None = None  # accepted and ignored: the server holds one model
     messages: list[Message] = Field(min_length=1, max_length=256)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class CaptionRequest(Sampling):

@@ -1,0 +1,434 @@
+"""Continuous (step-level) batching: the LM decodes one token for every running request per step; waiting
+requests join at step boundaries and finished ones leave at once.
+
+Per step the worker (1) drops requests whose client went away, (2) admits queued requests while the running
+rows (a request with n samples or K beams is n or K rows) fit in `max_batch_rows`, (3) prefills admitted
+requests, at most `prefill_chunk` prompt tokens per step in all, so that a long prompt does not stall the
+running decodes, and (4) runs one batched decode step. Jobs the step loop does not take (ITM, Q-Former
+captions, encoder-decoder LLMs) run whole, batched by key as in blip2.serve.batching, between two steps.
+
+Why a request gets the ids it gets alone:
+  * its visual prompt comes from the visual-prompt cache, or is computed in one batch with the other requests
+    starting in the same step; its prompt is prefilled with theirs in one left-padded batch (mask, positions
+    from the mask: exactly the batch-at-once engine's prefill), or, when it is long or has several rows (beams,
+    n samples), alone in chunks of `prefill_chunk` (a lone request is chunked the same way);
+  * its search (blip2.search: greedy, sampling with its own seeded torch.Generator, beam search) runs on its
+    own rows' logits with its own `max_tokens`, so the tokens come from the same ops as alone;
+  * in the batched decode step the requests' KV caches are left-padded to one length and the pads masked out
+    (attention mask) while each row keeps its own position ids (= its own length): a masked key adds an exact
+    0 to the softmax. What can still differ is the float rounding of a batched matmul vs a single-row one;
+    the tests check that the ids are equal (the standard the batch-at-once engine is held to).
+The cache lives in one transformers DynamicCache whose layers' key / value tensors [N, H, W, d] are re-made
+when a request joins (concatenated, padded on the left) or rows leave / beams reorder (one index_select).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import time
+
+import torch
+
+from ..generation import GenerationConfig, new_dynamic_cache, special_tokens
+from ..search import make_search
+from ..processing import pad_ids
+from .batching import Batcher, Job
+from .engine import Engine, Progress, Settled
+from .vcache import VisualCache
+
+__all__ = ["ContinuousBatcher"]
+
+log = logging.getLogger("blip2.serve")
+
+
+def supports_steps(engine: Engine) -> bool:
+    """Can the engine's LLM be stepped by the continuous batcher (decoder-only, explicit position ids,
+    no sliding-window layers)?"""
+    m = engine.model
+    if m.llm is None or m.cfg.is_encoder_decoder:
+        return False
+    cfg = m.llm.config.get_text_config(decoder=True)
+    full = all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
+    return ("position_ids" in inspect.signature(m.llm.forward).parameters and full
+            and not getattr(cfg, "sliding_window", None))
+
+
+class _Sequence:
+    """One request in the step loop: its rows, search, progress, and (while prefilling) its own cache."""
+
+    def __init__(self, job: Job, engine: Engine, embeds: torch.Tensor):
+        p, dec = job.payload, job.key[2]
+        self.job, self.n = job, dec.n
+        self.rows = max(dec.num_beams, dec.n)  # rows in the batch (beams or samples)
+        lm = engine.model.llm
+        hf = lm.config
+        gen = dict(max_new_tokens=p.max_tokens, num_beams=dec.num_beams, num_return_sequences=dec.n,
+                   eos_token_id=sorted(engine.eos),
+                   pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id)
+        if dec.do_sample:
+            gen.update(do_sample=True, temperature=dec.temperature, top_p=dec.top_p, top_k=dec.top_k,
+                       generator=torch.Generator(device=embeds.device).manual_seed(p.seed))
+        cfg = GenerationConfig(**gen)
+        eos, pad, _ = special_tokens(lm, cfg, False)
+        # the server has no repetition penalty: the search needs no prompt history
+        history = torch.empty(self.rows, 0, dtype=torch.long, device=embeds.device)
+        self.search = make_search(cfg, 1, eos, pad, history)
+        self.progress = Progress(engine, [job], dec.n)
+        self.embeds = embeds.repeat_interleave(self.rows, 0) if self.rows > 1 else embeds  # (rows, L, D)
+        self.length = self.embeds.shape[1]
+        self.done_prefill = 0
+        self.cache = new_dynamic_cache(lm)
+        self.tokens: torch.Tensor | None = None  # the tokens to feed at the next step (rows,)
+        self.finished = False
+
+    def observe(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Pick the next tokens from this request's logits [rows, V]; the rows' reorder (None: keep)."""
+        tokens, rows = self.search.step(logits)
+        try:
+            if self.search.cfg.num_beams == 1:
+                self.progress.step(tokens, self.search.t - 1)  # streams text, answers at EOS / max_tokens
+        except Settled:
+            self.finished = True
+        if self.search.done:
+            self.finished = True
+            if not self.job.settled:
+                self.progress.finish(self.search.result())
+        self.tokens = tokens
+        return rows
+
+
+class ContinuousBatcher(Batcher):
+    """A Batcher whose worker runs the step loop above; slots, queue limits, cancelling and stopping are the
+    Batcher's."""
+
+    def __init__(self, engine: Engine, max_batch_rows: int = 8, max_wait_s: float = 0.01, max_pending: int = 64,
+                 max_queue: int | None = None, prefill_chunk: int = 256, visual_cache: VisualCache | None = None):
+        super().__init__(engine.run, max_batch_rows, max_wait_s, max_pending, max_queue)
+        self.engine, self.prefill_chunk = engine, prefill_chunk
+        self.visual_cache = visual_cache
+        self.stepping = supports_steps(engine)
+        lm = engine.model.llm
+        self._kw = {"use_cache": True, "return_dict": True}
+        params = inspect.signature(lm.forward).parameters if lm is not None else {}
+        if "logits_to_keep" in params:
+            self._kw["logits_to_keep"] = 1
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers' newer name
+        self._prefilling: list = []  # jobs waiting for their prefill, then (from its start) _Sequences
+        self._running_seqs: list[_Sequence] = []
+        self._cache = None  # DynamicCache of the running rows [N, H, W, d]
+        self._mask = self._pos = None  # [N, W] 1 = real key; [N] position of the next fed token
+        self._steps = 0
+        self._rows_stepped = 0  # sum over steps of running rows (batch occupancy)
+        self._tokens = collections.deque(maxlen=256)  # (time, tokens) of recent steps (tokens/s)
+
+    # ------------------------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        out = super().stats()
+        with self._cond:
+            rows = sum(s.rows for s in self._running_seqs)
+            out.update(engine="continuous", steps=self._steps, running_rows=rows,
+                       occupancy=rows / self.max_batch_rows,
+                       mean_occupancy=(self._rows_stepped / self._steps / self.max_batch_rows) if self._steps else 0.0,
+                       tokens_per_s=self._recent_rate())
+        if self.visual_cache is not None:
+            out["visual_cache"] = self.visual_cache.stats()
+        return out
+
+    def _recent_rate(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._tokens if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        return sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-6)
+
+    # ------------------------------------------------------------------------------------ worker
+    def _steppable(self, job: Job) -> bool:
+        return self.stepping and job.key[0] == "llm"
+
+    def _take(self):
+        """Block until there is work; (whole-run batch or None, newly admitted jobs); None when stopping."""
+        with self._cond:
+            while True:
+                if not self._running:
+                    return None
+                busy = self._running_seqs or self._prefilling
+                if not self._queue and not busy:
+                    self._cond.wait()
+                    continue
+                if not busy and not self._steppable(self._queue[0]):
+                    batch = self._ready_batch()  # nothing decodes: it may wait for company, as in Batcher
+                    if batch is None:
+                        continue
+                    return batch, []
+                rows = sum(_rows(s) for s in self._running_seqs + self._prefilling)
+                admitted = []
+                for job in list(self._queue):
+                    if not self._steppable(job):
+                        if not admitted:  # runs now, between two steps, with the compatible jobs queued
+                            batch = [j for j in self._queue if j.key == job.key][: self.max_batch_rows]
+                            for j in batch:
+                                self._queue.remove(j)
+                            return batch, []
+                        break
+                    need = _rows(job)
+                    if (busy or admitted) and rows + need > self.max_batch_rows:
+                        break  # first come, first served: a large request is not overtaken
+                    self._queue.remove(job)
+                    admitted.append(job)
+                    rows += need
+                return None, admitted
+
+    def _loop(self) -> None:
+        while (work := self._take()) is not None:
+            whole, admitted = work
+            if whole:
+                with self._cond:
+                    self._batch_sizes[len(whole)] += 1
+                try:
+                    self._run_isolated(whole)
+                finally:
+                    self._settle(whole)
+                continue
+            try:
+                with torch.inference_mode():
+                    with self._cond:
+                        self._prefilling.extend(admitted)  # jobs until their prefill starts, then sequences
+                    self._prefill_some()
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker survives
+                log.exception("decode step failed")
+                self._fail_all(e)
+        self._fail_all(RuntimeError("the server is shutting down"))  # stopped before they finished
+
+    def _fail_all(self, error: BaseException) -> None:
+        jobs = [s if isinstance(s, Job) else s.job for s in self._running_seqs + self._prefilling]
+        for job in jobs:
+            job.fail(error)
+        self._settle(jobs)
+        with self._cond:
+            self._running_seqs, self._prefilling = [], []
+            self._cache = self._mask = self._pos = None
+
+    def _settle(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if not job.settled:  # the runner owes every job a final event
+                job.fail(RuntimeError("the batch ended without a result for this request"))
+            self._release(job)
+
+    def _admit(self, job: Job, vis: torch.Tensor | None = None) -> _Sequence | None:
+        """Visual prompt [P, D] (given, cached or computed) + embedded prompt -> a sequence ready for its prefill
+        (None: the job failed, alone)."""
+        try:
+            m, p = self.engine.model, job.payload
+            vis = vis if vis is not None else self._visual_prompts([job])[0]
+            ids = p.prompt_ids
+            if ids is None:  # caption: decoder-only LLMs start from BOS (as Blip2Model.generate)
+                hf = m.llm.config
+                ids = [hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id]
+            embeds = m.llm_inputs_embeds(vis[None], torch.tensor([ids], device=m.device))  # (1, L, D)
+            return _Sequence(job, self.engine, embeds)
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            job.fail(e)
+            self._settle([job])
+            return None
+
+    def _visual_prompts(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """The visual prompts [P, D] of jobs: from the cache, the misses in one batch (as batch-at-once does)."""
+        m, proc = self.engine.model, self.engine.proc
+        keys = [(self.engine.settings.model_name, j.payload.image_key, tuple(j.payload.qformer_ids or ()))
+                for j in jobs]
+        found = [self.visual_cache.get(k) if self.visual_cache is not None else None for k in keys]
+        miss = [i for i, v in enumerate(found) if v is None]
+        if miss:
+            pixels = torch.stack([jobs[i].payload.pixels for i in miss]).to(m.device)  # (M, 3, S, S)
+            q_ids = q_mask = None
+            if jobs[miss[0]].payload.qformer_ids is not None:  # InstructBLIP: right-padded, as the processor
+                q_ids, q_mask = pad_ids([jobs[i].payload.qformer_ids for i in miss],
+                                        proc.qformer_tokenizer.pad_token_id, "right", m.device)
+            vis = m.visual_prompts(pixels, q_ids, q_mask)[1]  # (M, P, D)
+            for row, i in enumerate(miss):
+                found[i] = vis[row]
+                if self.visual_cache is not None:
+                    self.visual_cache.put(keys[i], vis[row])
+        return found
+
+    def _start(self) -> None:
+        """The jobs at the head of the prefill line become sequences (their image encoder and Q-Former run now,
+        not at admission, in one batch)."""
+        head = []
+        for item in self._prefilling:
+            if not isinstance(item, Job):
+                break
+            head.append(item)
+        if not head:
+            return
+        live = [j for j in head if not j.settled]
+        try:
+            vis = dict(zip(map(id, live), self._visual_prompts(live)))
+        except Exception:  # noqa: BLE001 - one at a time, so that a bad request fails alone
+            vis = {}
+        seqs = [self._admit(j, vis.get(id(j))) if not j.settled else None for j in head]
+        self._settle([j for j, seq in zip(head, seqs) if seq is None])
+        with self._cond:
+            self._prefilling[: len(head)] = [seq for seq in seqs if seq is not None]
+
+    def _prefill_some(self) -> None:
+        """Up to prefill_chunk prompt tokens of the oldest waiting prefills: the one-row prompts that start
+        together and fit, in one left-padded batch; a long or multi-row one alone, chunk by chunk."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            self._start()
+            if not self._prefilling:
+                return
+            seq = self._prefilling[0]
+            if seq.job.settled:
+                self._drop_prefilling(seq)
+                continue
+            group = []
+            for other in self._prefilling:
+                if (isinstance(other, Job) or other.rows != 1 or other.done_prefill
+                        or sum(s.length for s in group) + other.length > budget):
+                    break
+                group.append(other)
+            if len(group) > 1:
+                self._prefill_group(group)
+                budget -= sum(s.length for s in group)
+                continue
+            n = min(self.prefill_chunk, seq.length - seq.done_prefill)
+            start, lm = seq.done_prefill, self.engine.model.llm
+            pos = torch.arange(start, start + n, device=seq.embeds.device)[None].expand(seq.rows, -1)  # (rows, n)
+            kw = {**self._kw, "position_ids": pos, self._cache_arg: seq.cache}
+            if "logits_to_keep" in kw:  # as generation's prefill: the last position, by index
+                kw["logits_to_keep"] = torch.tensor([n - 1], device=seq.embeds.device)
+            out = lm(inputs_embeds=seq.embeds[:, start:start + n], attention_mask=None, **kw)
+            seq.done_prefill += n
+            budget -= n
+            if seq.done_prefill == seq.length:
+                seq.embeds = None
+                with self._cond:
+                    self._prefilling.pop(0)
+                rows = seq.observe(out.logits[:, -1].float())  # the first new token
+                if rows is not None:
+                    seq.cache.reorder_cache(rows)
+                if seq.finished:
+                    self._settle([seq.job])
+                else:
+                    mask = torch.ones(seq.rows, seq.length, dtype=torch.long, device=seq.tokens.device)
+                    self._join([seq], seq.cache, mask)
+
+    def _prefill_group(self, group: list[_Sequence]) -> None:
+        """One prefill for several one-row prompts, left-padded with masks and mask-derived positions exactly as
+        the batch-at-once engine prefills a batch; then they join the running batch."""
+        lm, W = self.engine.model.llm, max(s.length for s in group)
+        embeds = torch.cat([_left_pad(s.embeds, W, dim=1) for s in group])  # (G, W, D)
+        mask = torch.cat([_left_pad(torch.ones(1, s.length, dtype=torch.long, device=embeds.device), W, dim=1)
+                          for s in group])  # (G, W)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' positions for a padded batch
+        cache = new_dynamic_cache(lm)
+        kw = {**self._kw, "position_ids": pos, self._cache_arg: cache}
+        if "logits_to_keep" in kw:
+            kw["logits_to_keep"] = torch.tensor([W - 1], device=embeds.device)
+        logits = lm(inputs_embeds=embeds, attention_mask=None if bool(mask.all()) else mask,
+                    **kw).logits[:, -1].float()  # (G, V)
+        with self._cond:
+            del self._prefilling[: len(group)]
+        keep = []
+        for i, s in enumerate(group):
+            s.embeds = None
+            s.observe(logits[i:i + 1])  # one row: no reorder
+            if s.finished:
+                self._settle([s.job])
+            else:
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(group):
+            index = torch.tensor(keep, device=embeds.device)
+            cache.reorder_cache(index)
+            mask = mask[index]
+        self._join([group[i] for i in keep], cache, mask)
+
+    def _drop_prefilling(self, seq: _Sequence) -> None:
+        with self._cond:
+            self._prefilling.remove(seq)
+        self._settle([seq.job])
+
+    def _join(self, seqs: list[_Sequence], cache, mask: torch.Tensor) -> None:
+        """Add prefilled sequences, their cache [rows, H, L, d] and mask [rows, L], to the running batch,
+        left-padding the narrower of the two."""
+        pos = mask.sum(1)  # (rows,) each row's real length: the position of its next token
+        if self._cache is None:
+            self._cache, self._mask, self._pos = cache, mask, pos
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], 0)
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], 0)
+            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
+            self._pos = torch.cat([self._pos, pos])
+        for seq in seqs:
+            seq.cache = None
+        with self._cond:
+            self._running_seqs.extend(seqs)
+
+    def _step(self) -> None:
+        """One decode step for every running sequence; finished ones leave, beams reorder."""
+        seqs = self._running_seqs
+        if not seqs:
+            return
+        tokens = torch.cat([s.tokens for s in seqs])  # (N,)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(tokens), 1)], 1)  # (N, W + 1)
+        kw = {**self._kw, "position_ids": self._pos[:, None], self._cache_arg: self._cache}
+        # transformers drops an all-ones mask (no padding): so does a lone run
+        attn = None if bool(mask.all()) else mask
+        logits = self.engine.model.llm(input_ids=tokens[:, None], attention_mask=attn, **kw).logits[:, -1].float()
+        self._mask, self._pos = mask, self._pos + 1
+        keep, start, kept, done = [], 0, [], []
+        for s in seqs:
+            rows = s.observe(logits[start:start + s.rows]) if not s.job.settled else None
+            if s.job.settled or s.finished:
+                done.append(s)
+            else:
+                keep.append(start + (rows if rows is not None else torch.arange(s.rows, device=logits.device)))
+                kept.append(s)
+            start += s.rows
+        with self._cond:
+            self._steps += 1
+            self._rows_stepped += len(tokens)
+            self._batch_sizes[len(seqs)] += 1
+            self._tokens.append((time.monotonic(), len(tokens)))
+            self._running_seqs = kept
+        self._settle([s.job for s in done])
+        if not kept:
+            self._cache = self._mask = self._pos = None
+            return
+        index = torch.cat(keep)
+        if len(index) != len(tokens) or not torch.equal(index, torch.arange(len(tokens), device=index.device)):
+            self._cache.reorder_cache(index)
+            self._mask, self._pos = self._mask[index], self._pos[index]
+        real = self._mask.any(0)
+        first = int(real.int().argmax())  # leading key columns that are padding in every row can go
+        if first > 0:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+
+def _rows(item) -> int:
+    """Batch rows of a job or sequence: its beams or samples."""
+    if isinstance(item, _Sequence):
+        return item.rows
+    dec = item.key[2]
+    return max(dec.num_beams, dec.n)
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zero-pad x on the left along `dim` to `width` (keys / values [N, H, W, d]: dim 2; masks [N, W]: dim 1)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim)
