@@ -318,3 +318,19 @@ def test_input_validation(opt, t5):
     with pytest.raises(TypeError, match="GenerationConfig"):
         generate(opt, embeds, mask, {"max_new_tokens": 3})
 
+
+
+def test_greedy_drops_finished_rows(lm):
+    """Rows that reached EOS leave the batch (the LM sees fewer rows), and the ids stay transformers'."""
+    eos = [_eos_candidate(lm, step, row) for row, step in enumerate((1, 4, NEW + 1))]  # row 2 never ends
+    rows_fed = []
+    hook = lm.register_forward_pre_hook(
+        lambda m, args, kw: rows_fed.append((kw.get("input_ids") if kw.get("input_ids") is not None
+                                             else kw.get("decoder_input_ids")).shape[0])
+        if (kw.get("input_ids") is not None or kw.get("decoder_input_ids") is not None) else None, with_kwargs=True)
+    try:
+        got = ours(lm, *_inputs(), max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert torch.equal(got, reference(lm, *_inputs(), max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0))
+    assert rows_fed[-1] < B and rows_fed == sorted(rows_fed, reverse=True)

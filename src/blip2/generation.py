@@ -285,6 +285,14 @@ class _CausalLMRunner:
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache.reorder_cache(rows)
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only [n] (the others finished): the cache, the mask and positions shrink."""
+        self.cache.reorder_cache(rows)
+        if self.step_mask is not None:
+            self.step_mask = self.step_mask[rows]
+        if self.position_ids is not None:
+            self.step_pos = self.step_pos[rows]
+
 
 class _Seq2SeqRunner:
     """Encoder-decoder LM: encode once on B rows, expand the encoder states, decode from the start token."""
@@ -323,6 +331,14 @@ class _Seq2SeqRunner:
 
     def reorder(self, rows: torch.Tensor) -> None:
         (self.cache.self_attention_cache if self.cross_rows_equal else self.cache).reorder_cache(rows)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only [n]: both caches, the encoder states and the cross-attention mask shrink."""
+        self.cache.reorder_cache(rows)
+        enc = self.kwargs["encoder_outputs"]
+        self.kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=enc.last_hidden_state[rows])
+        if self.kwargs["attention_mask"] is not None:
+            self.kwargs["attention_mask"] = self.kwargs["attention_mask"][rows]
 
 
 def _rows_repeat(x: torch.Tensor | None, n: int) -> bool:
@@ -399,10 +415,11 @@ def generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | Non
 def decode(runner, batch_size: int, cfg: GenerationConfig, eos: list[int] | None, pad: int,
            history: torch.Tensor, ignore_len: torch.Tensor | None = None) -> torch.LongTensor:
     """The search (greedy, sampling or beam; blip2.search) over any runner: an object with
-    `prefill() -> logits [N, V]`, `step(tokens [N], t) -> logits [N, V]` and `reorder(rows [N])`, whose
+    `prefill() -> logits [N, V]`, `step(tokens [N], t) -> logits [N, V]`, `reorder(rows [N])` and
+    `keep(rows [n])` (go on with those rows only: greedy search drops finished ones), whose
     N = batch_size * max(num_beams, num_return_sequences) rows are already expanded. history [N, P]: the ids the
     repetition penalty sees before the first new token; ignore_len [N]: leading history positions it skips."""
-    search = make_search(cfg, batch_size, eos, pad, history, ignore_len)
+    search = make_search(cfg, batch_size, eos, pad, history, ignore_len, drop_finished=hasattr(runner, "keep"))
     logits = runner.prefill()
     while True:
         tokens, rows = search.step(logits)
@@ -410,4 +427,6 @@ def decode(runner, batch_size: int, cfg: GenerationConfig, eos: list[int] | None
             return search.result()
         if rows is not None:
             runner.reorder(rows)
+        if getattr(search, "kept", None) is not None:  # greedy: rows that reached EOS left the batch
+            runner.keep(search.kept)
         logits = runner.step(tokens, search.t)

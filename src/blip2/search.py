@@ -71,6 +71,14 @@ class Scores:
             scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
         return scores
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only (a greedy search dropping finished rows)."""
+        self.prompt_ids = self.prompt_ids[rows]
+        if self.ignore_len is not None:
+            self.ignore_len = self.ignore_len[rows]
+        if self.seen is not None:
+            self.seen = self.seen[rows]
+
     def observe(self, tokens: torch.Tensor, n_new: int, rows: torch.Tensor | None = None) -> None:
         """Record the n_new-th (0-based) generated token of each row; `rows` first reorders the history
         (beam search: row i continues row rows[i])."""
@@ -90,15 +98,26 @@ class Scores:
 # (tokens [N] to feed, rows [N] or None): the LM's cache must first be reordered so that row i continues row
 # rows[i] (beam search), then fed `tokens`. After the step that ends the search `done` is True (nothing to
 # feed); `result()` gives the new tokens [batch * num_return_sequences, T'].
+# A greedy search made with drop_finished=True may instead set `kept` (rows [n] < N) after a step: the rows
+# that go on, the others having reached EOS; the driver shrinks the LM's state to them (runner.keep) and the
+# returned tokens are for those rows only.
 
 
 class GreedySearch:
-    """Greedy search or multinomial sampling over N rows; finished rows get `pad`."""
+    """Greedy search or multinomial sampling over N rows; finished rows get `pad`.
 
-    def __init__(self, scores_fn: Scores, cfg, eos, pad, n_rows: int, device):
+    drop_finished: rows that reached EOS leave the batch (`kept`), so the LM does no work for them; their later
+    tokens are `pad`, as transformers writes them. Greedy only: with sampling, fewer rows would draw other
+    random numbers, and a streamer sees every row at every step."""
+
+    def __init__(self, scores_fn: Scores, cfg, eos, pad, n_rows: int, device, drop_finished: bool = False):
         self.scores_fn, self.cfg, self.eos, self.pad = scores_fn, cfg, eos, pad
-        self.out = torch.empty(n_rows, cfg.max_new_tokens, dtype=torch.long, device=device)
+        self.out = torch.full((n_rows, cfg.max_new_tokens), pad if pad is not None else 0, dtype=torch.long,
+                              device=device)
         self.unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
+        self.drop = drop_finished and eos is not None and not cfg.do_sample and cfg.streamer is None
+        self.alive = torch.arange(n_rows, device=device)  # the output rows still in the batch
+        self.kept: torch.Tensor | None = None
         self.t, self.done = 0, False
 
     def step(self, logits: torch.Tensor):
@@ -111,12 +130,17 @@ class GreedySearch:
         if self.eos is not None:
             tokens = tokens.masked_fill(~self.unfinished, self.pad)  # finished rows are padded
             self.unfinished &= ~torch.isin(tokens, self.scores_fn.eos)
-        self.out[:, t] = tokens
+        self.out[self.alive, t] = tokens
         if cfg.streamer is not None:
             cfg.streamer(tokens, t)
         self.scores_fn.observe(tokens, t)
         self.t = t + 1
         self.done = self.t == cfg.max_new_tokens or (self.eos is not None and not bool(self.unfinished.any()))
+        self.kept = None
+        if self.drop and not self.done and not bool(self.unfinished.all()):
+            rows = self.unfinished.nonzero().squeeze(1)
+            self.scores_fn.keep(rows)
+            self.alive, self.unfinished, tokens, self.kept = self.alive[rows], self.unfinished[rows], tokens[rows], rows
         return tokens, None
 
     def result(self) -> torch.Tensor:
@@ -215,10 +239,13 @@ class BeamSearch:
         return self.fin_tokens[:, :n, :length].reshape(self.B * n, length)
 
 
-def make_search(cfg, batch_size: int, eos, pad, history: torch.Tensor, ignore_len: torch.Tensor | None = None):
+def make_search(cfg, batch_size: int, eos, pad, history: torch.Tensor, ignore_len: torch.Tensor | None = None,
+                drop_finished: bool = False):
     """The search `cfg` asks for, over batch_size * max(num_beams, num_return_sequences) rows (expanded).
     history [N, P]: the ids the repetition penalty sees before the first new token; ignore_len [N]: leading
-    history positions it skips (left padding). eos: tuple of ids or None; pad: the fill of finished rows."""
+    history positions it skips (left padding). eos: tuple of ids or None; pad: the fill of finished rows.
+    drop_finished: a greedy search lets finished rows leave the batch (GreedySearch; the driver calls
+    runner.keep)."""
     if cfg.num_beams > 1:
         min_keep = 1 + (len(eos) if eos is not None else 1)
     else:
@@ -227,7 +254,7 @@ def make_search(cfg, batch_size: int, eos, pad, history: torch.Tensor, ignore_le
         raise ValueError(f"generate: {len(cfg.generator)} generators for a batch of {batch_size} inputs")
     scores_fn = Scores(cfg, eos, history, ignore_len, min_keep)
     if cfg.num_beams == 1:
-        return GreedySearch(scores_fn, cfg, eos, pad, history.shape[0], history.device)
+        return GreedySearch(scores_fn, cfg, eos, pad, history.shape[0], history.device, drop_finished)
     # transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 counts as unset), -1 without EOS
     fill = (pad if pad else eos[0]) if eos is not None else -1
     return BeamSearch(scores_fn, cfg, batch_size, eos, fill, history.device)
