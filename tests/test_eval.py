@@ -331,3 +331,50 @@ def test_eval_errors_are_one_line(opt_dir, tmp_path, capsys):
     assert "no usable entries" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown task"):
         evaluation.evaluate("nope", blip2.load(opt_dir), bad)
+
+
+# --------------------------------------------------------------------------------------- table data
+def test_eval_reads_tables_like_json(opt_dir, photos, tmp_path):
+    """`--data` as a parquet file with image bytes (caption) and as a saved datasets folder (VQA, VQAv2-style
+    answer dicts): the same items, predictions and metrics as the JSON annotation file of the same data; a row
+    with an undecodable image is skipped with its reason."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    model = blip2.load(opt_dir)
+    gen = {"num_beams": 1, "max_new_tokens": 4}
+    refs = [["a man in a white suit"], ["a person standing outside", "someone outdoors"], ["a face"]]
+    caps = [{"image": p.name, "image_id": i, "caption": r} for i, (p, r) in enumerate(zip(photos, refs))]
+    from_json = evaluation.evaluate("caption", model, str(_write(tmp_path / "caps.json", caps)), str(photos[0].parent),
+                                    generation=gen, progress=False, output=str(tmp_path / "j"))
+    table = pa.table({"image": [p.read_bytes() for p in photos[:3]] + [b"not an image"],
+                      "image_id": [0, 1, 2, 3], "captions": refs + [["broken"]]})
+    pq.write_table(table, tmp_path / "caps.parquet")
+    from_table = evaluation.evaluate("caption", model, str(tmp_path / "caps.parquet"), generation=gen,
+                                     progress=False, output=str(tmp_path / "t"))
+    pj = json.loads((tmp_path / "j" / "predictions.json").read_text())
+    pt = json.loads((tmp_path / "t" / "predictions.json").read_text())
+    assert [(p["image_id"], p["caption"]) for p in pt] == [(p["image_id"], p["caption"]) for p in pj]
+    assert from_table["metrics"] == from_json["metrics"]
+    assert from_table["skipped"] == 1 and from_table["skipped_items"][0]["id"] == 3
+
+    questions = ["what is in the picture?", "what color is it?"]
+    answers = model.answer(photos[:2], questions, **gen)
+    ds = datasets.Dataset.from_dict({
+        "image": [{"bytes": p.read_bytes(), "path": None} for p in photos[:2]], "question": questions,
+        "question_id": [7, 8], "answers": [[{"answer": answers[0]}] * 10, [{"answer": "zzz"}] * 10]},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "question_id": datasets.Value("int64"),
+                                    "answers": [{"answer": datasets.Value("string")}]}))
+    ds.save_to_disk(str(tmp_path / "vqa_ds"))
+    report = evaluation.evaluate("vqa", model, str(tmp_path / "vqa_ds"), generation=gen, progress=False,
+                                 prompt=None)
+    assert report["evaluated"] == 2 and report["metrics"]["accuracy"] == pytest.approx(50.0)
+
+
+def test_eval_table_without_the_columns_names_them(opt_dir, photos, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"image": [photos[0].read_bytes()], "question": ["what?"]}), tmp_path / "q.parquet")
+    with pytest.raises(ValueError, match=r"q.parquet: no column for \['answers'\]"):
+        evaluation.evaluate("vqa", blip2.load(opt_dir), str(tmp_path / "q.parquet"), progress=False)

@@ -27,6 +27,7 @@ from . import dist, metrics
 from .annotations import READERS, as_list
 from .processing import VQA_TEMPLATE, pad_ids, pre_caption
 from .retrieval import score_matrix
+from .sources import ImageReader, open_source, table_files, table_rows
 
 TASKS = ("caption", "vqa", "retrieval", "choice")
 
@@ -92,9 +93,70 @@ def _opens(path: str) -> bool:
 
 def _load_one(processor, item: dict):
     try:
-        return processor.image_processor.preprocess_one(item["image"]), None
+        image = item["image"]
+        if "table_item" in item:  # a table row: its image bytes (or path) through the sources reader
+            image = ImageReader().read(item["table_item"])
+        return processor.image_processor.preprocess_one(image), None
     except (ValueError, OSError) as e:  # ImageError (missing / undecodable file) is a ValueError
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# -------------------------------------------------------------------------------------- table data
+# Column names a table's rows are read from (the first one present), for `--data` given as parquet files or a
+# saved `datasets` folder; the image column is found as blip2.sources does (bytes, a path or a datasets Image).
+TABLE_COLUMNS = {
+    "caption": {"references": ("captions", "caption", "text", "sentences"), "id": ("image_id", "id")},
+    "vqa": {"question": ("question",), "answers": ("answers", "answer"), "id": ("question_id", "id"),
+            "question_type": ("question_type",), "answer_type": ("answer_type",)},
+}
+
+
+def _answers(value) -> list:
+    """A cell of answers: a string, a list of strings, or VQAv2-style [{"answer": ...}, ...]."""
+    return [a.get("answer") if isinstance(a, dict) else a for a in as_list(value)]
+
+
+def read_table_data(task: str, path, image_column: str | None = None) -> tuple[list[dict], list[dict]] | None:
+    """Caption / VQA items from a table (parquet files or a saved `datasets` folder), as the annotation readers
+    give them from JSON; None when `path` is not a table. Each item's "image" is its row key (`file:row`), its
+    "table_item" the image reference the loader reads."""
+    table = table_files(path)
+    if table is None:
+        return None
+    if task not in TABLE_COLUMNS:
+        raise ValueError(f"{path}: a table serves the {' / '.join(TABLE_COLUMNS)} tasks, not {task}")
+    images = open_source(path, image_column=image_column)
+    wanted = {field: names for field, names in TABLE_COLUMNS[task].items()}
+    rows = table_rows(*table, [c for names in wanted.values() for c in names])
+    have = set().union(*(r.keys() for r in rows)) if rows else set()
+    col = {field: next((c for c in names if c in have), None) for field, names in wanted.items()}
+    needed = [f for f in wanted if f not in ("id", "question_type", "answer_type")]
+    missing = [f for f in needed if col[f] is None]
+    if missing:
+        raise ValueError(f"{path}: no column for {missing} (looked for {[wanted[f] for f in missing]}; "
+                         f"columns: {sorted(have)})")
+    items, skipped, seen = [], [], set()
+    for i, (item, row) in enumerate(zip(images, rows)):
+        rec = {"index": i, "id": row.get(col["id"], item.key) if col["id"] else item.key, "image": item.key,
+               "table_item": item}
+        if task == "caption":
+            rec["references"] = [c for c in _answers(row.get(col["references"])) if isinstance(c, str) and c.strip()]
+            problem = None if rec["references"] else "no reference captions"
+        else:
+            rec.update(question=row.get(col["question"]), answers=_answers(row.get(col["answers"])),
+                       question_type=row.get(col["question_type"]) if col["question_type"] else None,
+                       answer_type=row.get(col["answer_type"]) if col["answer_type"] else None)
+            problem = ("no question" if not isinstance(rec["question"], str) or not rec["question"].strip() else
+                       "empty answer list" if not rec["answers"] else
+                       "answers must be strings" if not all(isinstance(a, str) for a in rec["answers"]) else None)
+        if problem is None and rec["id"] in seen:
+            problem = f"duplicate id {rec['id']!r}"
+        if problem is None:
+            seen.add(rec["id"])
+            items.append(rec)
+        else:
+            skipped.append({"index": i, "id": rec["id"], "image": item.key, "reason": problem})
+    return items, skipped
 
 
 def _image_batches(processor, items: list[dict], batch_size: int, progress: bool, desc: str):
@@ -389,7 +451,8 @@ def evaluate(task: str, model, data: str | Sequence[str], images: str | None = N
     if not paths or (task != "vqa" and len(paths) != 1):
         raise ValueError(f"the {task} task reads one annotation file (vqa: or two), got {len(paths)}")
     root = Path(images) if images is not None else Path(paths[0]).parent
-    items, skipped = READERS[task](paths if task == "vqa" else paths[0], root)
+    tabled = read_table_data(task, paths[0]) if len(paths) == 1 and task in TABLE_COLUMNS else None
+    items, skipped = tabled if tabled is not None else READERS[task](paths if task == "vqa" else paths[0], root)
     if limit is not None:
         items, skipped = [it for it in items if it["index"] < limit], [s for s in skipped if s["index"] < limit]
     n_items = len(items) + len(skipped)

@@ -87,21 +87,49 @@ def expand_pattern(pattern: str) -> list[Path]:
 # ------------------------------------------------------------------------------------------- listing
 
 
-def open_source(spec: str | Path, image_column: str | None = None, text_column: str | None = None,
-                key_column: str | None = None) -> list[Item]:
-    """The items of an `--input` in input order (see the module doc for what it may name)."""
+def table_files(spec: str | Path) -> tuple[list[Path], str] | None:
+    """The parquet / arrow files a table input names and their format ("parquet" | "arrow"): a `.parquet` /
+    `.arrow` file or pattern, a folder of parquet files (and no images), a saved `datasets` folder. None: not a
+    table."""
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-            raise ValueError(f"--input {path} is a datasets DatasetDict: name one split's folder, e.g. "
+            raise ValueError(f"{path} is a datasets DatasetDict: name one split's folder, e.g. "
                              f"{path / (splits[0] if splits else 'train')}")
         if (path / "state.json").is_file():
-            return _table_items(_arrow_files(path), "arrow", image_column, text_column, key_column)
+            return _arrow_files(path), "arrow"
         parquet = sorted(path.rglob("*.parquet"))
         if parquet and not any(p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*")):
-            return _table_items(parquet, "parquet", image_column, text_column, key_column)
+            return parquet, "parquet"
+        return None
+    files = expand_pattern(spec) if re.search(r"[{*?\[]", spec) else [path]
+    suffixes = {f.suffix.lower() for f in files}
+    if files and files[0].is_file() and suffixes in ({".parquet"}, {".arrow"}):
+        return files, suffixes.pop()[1:]
+    return None
+
+
+def table_rows(files: list[Path], fmt: str, columns: list[str]) -> list[dict]:
+    """The given columns of every row of the tables, in row order ({column: value}; a column a file lacks is
+    left out of its rows)."""
+    rows = []
+    for f in files:
+        names = _schema(f, fmt).names
+        rows += read_table(f, fmt, [c for c in columns if c in names]).to_pylist()
+    return rows
+
+
+def open_source(spec: str | Path, image_column: str | None = None, text_column: str | None = None,
+                key_column: str | None = None) -> list[Item]:
+    """The items of an `--input` in input order (see the module doc for what it may name)."""
+    spec = str(spec)
+    path = Path(spec)
+    table = table_files(spec)
+    if table is not None:
+        return _table_items(*table, image_column, text_column, key_column)
+    if path.is_dir():
         if text_column:
             raise ValueError(f"--input {path}: a folder of images has no text column; give one question for "
                              "all images, or a JSONL file / table with such a column")
@@ -112,10 +140,6 @@ def open_source(spec: str | Path, image_column: str | None = None, text_column: 
     suffixes = {f.suffix.lower() for f in files}
     if suffixes == {".tar"}:
         return [it for f in files for it in _tar_items(f, text_column)]
-    if suffixes == {".parquet"}:
-        return _table_items(files, "parquet", image_column, text_column, key_column)
-    if suffixes == {".arrow"}:
-        return _table_items(files, "arrow", image_column, text_column, key_column)
     if len(files) == 1 and suffixes <= {".jsonl"}:
         return _jsonl_items(files[0], image_column or "image", text_column, key_column)
     if len(files) == 1 and suffixes <= {".txt", ".lst"}:
