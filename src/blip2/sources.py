@@ -104,9 +104,11 @@ def table_files(spec: str | Path) -> tuple[list[Path], str] | None:
         if parquet and not any(p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*")):
             return parquet, "parquet"
         return None
+    if not spec.lower().endswith((".parquet", ".arrow")):  # a pattern is expanded only when it names tables
+        return None
     files = expand_pattern(spec) if re.search(r"[{*?\[]", spec) else [path]
     suffixes = {f.suffix.lower() for f in files}
-    if files and files[0].is_file() and suffixes in ({".parquet"}, {".arrow"}):
+    if files[0].is_file() and suffixes in ({".parquet"}, {".arrow"}):
         return files, suffixes.pop()[1:]
     return None
 
