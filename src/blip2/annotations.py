@@ -33,9 +33,9 @@ def as_list(x) -> list:
     return [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else []
 
 
-def split_rows(rows: list[dict], root: Path) -> tuple[list[dict], list[dict]]:
+def split_rows(rows: list[dict], root: Path | None) -> tuple[list[dict], list[dict]]:
     """Rows -> (items, skipped). A row's "problem" (set by the reader) or a duplicate id makes it skipped; every
-    item gets its position in the file ("index") and its image path under `root`."""
+    item gets its position in the file ("index") and its image path under `root` (None: the name as given)."""
     items, skipped, seen = [], [], set()
     for i, row in enumerate(rows):
         problem = row.pop("problem", None)
@@ -46,7 +46,8 @@ def split_rows(rows: list[dict], root: Path) -> tuple[list[dict], list[dict]]:
         row["index"] = i
         if problem is None:
             seen.add(row["id"])
-            row["image"] = str(root / row["image"])
+            if root is not None:
+                row["image"] = str(root / row["image"])
             items.append(row)
         else:
             skipped.append({"index": i, "id": row.get("id"), "image": row.get("image"), "reason": problem})
@@ -59,7 +60,7 @@ def _entries(data, path, what: str) -> list[dict]:
     return [e if isinstance(e, dict) else {"problem": f"entry is not an object: {e!r:.60}"} for e in data]
 
 
-def _caption_rows(entries: list[dict], field: str) -> list[dict]:
+def caption_rows(entries: list[dict], field: str) -> list[dict]:
     """{"id", "image", field: the entry's non-empty captions}, with a problem when there are none."""
     rows = []
     for i, e in enumerate(entries):
@@ -85,10 +86,10 @@ def read_caption_data(path, root) -> tuple[list[dict], list[dict]]:
     else:
         raise ValueError(f"{path}: not a caption file: expected COCO-style {{'images', 'annotations'}} or a list "
                          f"of {{'image', 'caption'}}")
-    return split_rows(_caption_rows(entries, "references"), Path(root))
+    return split_rows(caption_rows(entries, "references"), Path(root))
 
 
-def _vqa_row(qid, image, question, answers, qtype=None, atype=None, problem=None) -> dict:
+def vqa_row(qid, image, question, answers, qtype=None, atype=None, problem=None) -> dict:
     row = {"id": qid, "image": image, "question": question, "answers": answers, "question_type": qtype,
            "answer_type": atype}
     if problem is not None:
@@ -121,10 +122,10 @@ def read_vqa_data(paths: Sequence, root) -> tuple[list[dict], list[dict]]:
                 name = f"COCO_{subtype}_{x['image_id']:012d}.jpg"
                 image = f"{subtype}/{name}" if (root / subtype / name).exists() else name
             answers = [d.get("answer") for d in ann.get("answers", [])]
-            rows.append(_vqa_row(x.get("question_id"), image, x.get("question"), answers,
+            rows.append(vqa_row(x.get("question_id"), image, x.get("question"), answers,
                                  ann.get("question_type"), ann.get("answer_type")))
     elif len(paths) == 1:
-        rows = [_vqa_row(e.get("question_id", i), e.get("image"), e.get("question"),
+        rows = [vqa_row(e.get("question_id", i), e.get("image"), e.get("question"),
                          as_list(e.get("answer", e.get("answers"))), e.get("question_type"), e.get("answer_type"),
                          e.get("problem"))
                 for i, e in enumerate(_entries(read_json(paths[0]), paths[0], "question"))]
@@ -158,7 +159,7 @@ def read_choice_data(path, root) -> tuple[list[dict], list[dict]]:
 
 def read_retrieval_data(path, root) -> tuple[list[dict], list[dict]]:
     """Items {"id", "image", "captions"}: one per image, Karpathy-style."""
-    return split_rows(_caption_rows(_entries(read_json(path), path, "retrieval"), "captions"), Path(root))
+    return split_rows(caption_rows(_entries(read_json(path), path, "retrieval"), "captions"), Path(root))
 
 
 READERS = {"caption": read_caption_data, "vqa": read_vqa_data, "retrieval": read_retrieval_data,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist, metrics
-from .annotations import READERS, as_list
+from .annotations import READERS, as_list, caption_rows, split_rows, vqa_row
 from .processing import VQA_TEMPLATE, pad_ids, pre_caption
 from .retrieval import score_matrix
 from .sources import ImageReader, open_source, table_files, table_rows
@@ -91,11 +92,16 @@ def _opens(path: str) -> bool:
         return False
 
 
+_TABLE_READER = threading.local()
+
+
 def _load_one(processor, item: dict):
     try:
         image = item["image"]
         if "table_item" in item:  # a table row: its image bytes (or path) through the sources reader
-            image = ImageReader().read(item["table_item"])
+            if not hasattr(_TABLE_READER, "reader"):  # one per loader thread: it keeps the row group it read
+                _TABLE_READER.reader = ImageReader()
+            image = _TABLE_READER.reader.read(item["table_item"])
         return processor.image_processor.preprocess_one(image), None
     except (ValueError, OSError) as e:  # ImageError (missing / undecodable file) is a ValueError
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -126,37 +132,28 @@ def read_table_data(task: str, path, image_column: str | None = None) -> tuple[l
     if task not in TABLE_COLUMNS:
         raise ValueError(f"{path}: a table serves the {' / '.join(TABLE_COLUMNS)} tasks, not {task}")
     images = open_source(path, image_column=image_column)
-    wanted = {field: names for field, names in TABLE_COLUMNS[task].items()}
-    rows = table_rows(*table, [c for names in wanted.values() for c in names])
-    have = set().union(*(r.keys() for r in rows)) if rows else set()
+    wanted = TABLE_COLUMNS[task]
+    cells = table_rows(*table, [c for names in wanted.values() for c in names])
+    have = set().union(*(r.keys() for r in cells)) if cells else set()
     col = {field: next((c for c in names if c in have), None) for field, names in wanted.items()}
-    needed = [f for f in wanted if f not in ("id", "question_type", "answer_type")]
-    missing = [f for f in needed if col[f] is None]
+    missing = [f for f in wanted if col[f] is None and f not in ("id", "question_type", "answer_type")]
     if missing:
         raise ValueError(f"{path}: no column for {missing} (looked for {[wanted[f] for f in missing]}; "
                          f"columns: {sorted(have)})")
-    items, skipped, seen = [], [], set()
-    for i, (item, row) in enumerate(zip(images, rows)):
-        rec = {"index": i, "id": row.get(col["id"], item.key) if col["id"] else item.key, "image": item.key,
-               "table_item": item}
-        if task == "caption":
-            rec["references"] = [c for c in _answers(row.get(col["references"])) if isinstance(c, str) and c.strip()]
-            problem = None if rec["references"] else "no reference captions"
-        else:
-            rec.update(question=row.get(col["question"]), answers=_answers(row.get(col["answers"])),
-                       question_type=row.get(col["question_type"]) if col["question_type"] else None,
-                       answer_type=row.get(col["answer_type"]) if col["answer_type"] else None)
-            problem = ("no question" if not isinstance(rec["question"], str) or not rec["question"].strip() else
-                       "empty answer list" if not rec["answers"] else
-                       "answers must be strings" if not all(isinstance(a, str) for a in rec["answers"]) else None)
-        if problem is None and rec["id"] in seen:
-            problem = f"duplicate id {rec['id']!r}"
-        if problem is None:
-            seen.add(rec["id"])
-            items.append(rec)
-        else:
-            skipped.append({"index": i, "id": rec["id"], "image": item.key, "reason": problem})
-    return items, skipped
+
+    def get(row, field):
+        return row.get(col[field]) if col[field] else None
+
+    ids = [get(row, "id") if col["id"] else item.key for item, row in zip(images, cells)]
+    if task == "caption":
+        rows = caption_rows([{"id": i, "image": item.key, "caption": _answers(get(row, "references"))}
+                             for i, item, row in zip(ids, images, cells)], "references")
+    else:
+        rows = [vqa_row(i, item.key, get(row, "question"), _answers(get(row, "answers")), get(row, "question_type"),
+                        get(row, "answer_type")) for i, item, row in zip(ids, images, cells)]
+    for row, item in zip(rows, images):
+        row["table_item"] = item
+    return split_rows(rows, None)
 
 
 def _image_batches(processor, items: list[dict], batch_size: int, progress: bool, desc: str):
