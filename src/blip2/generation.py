@@ -427,6 +427,6 @@ def decode(runner, batch_size: int, cfg: GenerationConfig, eos: list[int] | None
             return search.result()
         if rows is not None:
             runner.reorder(rows)
-        if getattr(search, "kept", None) is not None:  # greedy: rows that reached EOS left the batch
+        if search.kept is not None:  # greedy: rows that reached EOS left the batch
             runner.keep(search.kept)
         logits = runner.step(tokens, search.t)

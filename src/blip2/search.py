@@ -175,6 +175,7 @@ class BeamSearch:
         self.improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # may a running beam beat the worst?
         self.in_top_k = torch.arange(self.K2, device=device) < K  # only the best K candidates may be finalised
         self.row_offset = torch.arange(B, device=device)[:, None] * K
+        self.kept = None  # beam search keeps every row (see GreedySearch)
         self.t, self.done = 0, False
 
     def step(self, logits: torch.Tensor):
