@@ -79,7 +79,10 @@ def _bulk(a, task: str, question: str | None = None) -> None:
                       image_column=a.image_column, key_column=a.key_column, generation=_gen_kwargs(a),
                       model_name=str(a.model), progress=not a.no_progress)
         summary = label_dataset(model, job)
-    print(json.dumps(summary) if a.json else format_summary(summary))
+    # one write per process: under torchrun the processes share stdout, and a line written in two pieces can
+    # interleave with another process's line
+    sys.stdout.write((json.dumps(summary) if a.json else format_summary(summary)) + "\n")
+    sys.stdout.flush()
 
 
 def _no_positionals(a, names: tuple[str, ...], flag: str) -> None:
