@@ -42,7 +42,7 @@ def test_itc_soft_targets_when_image_ids_repeat():
     img = torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
     ids = torch.tensor([7, 7, 9])  # texts 0 and 1 describe the same image
-    loss, sim_i2t, sim_t2i = losses.itc_loss(img, txt, torch.tensor(1.0), image_ids=ids)
+    loss, sim_i2t, sim_t2i = losses.itc_loss(img, txt, torch.tensor(1.0), losses.pair_positives(ids))
     target = [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
     i2t = sum(_ce_smoothed(sim_i2t[i].tolist(), target[i]) for i in range(3)) / 3
     t2i = sum(_ce_smoothed(sim_t2i[i].tolist(), target[i]) for i in range(3)) / 3
@@ -70,8 +70,40 @@ def test_hard_negatives_exclude_same_image_ids():
     ids = torch.tensor([0, 0, 1, 1])
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        neg_t, neg_i = losses.sample_hard_negatives(sim, sim, ids, generator=g)
+        neg_t, neg_i = losses.sample_hard_negatives(sim, sim, losses.pair_positives(ids), generator=g)
         assert (ids[neg_t] != ids).all() and (ids[neg_i] != ids).all()
+
+
+def test_identical_captions_of_different_images_are_positives_not_negatives():
+    """Pairs 0 and 2 show different pictures with the same caption (padding differs in length only where the
+    mask is 0): each text is a soft ITC target of both images and never a hard negative of either."""
+    ids = torch.tensor([[101, 5, 6, 102, 0], [101, 7, 102, 0, 0], [101, 5, 6, 102, 9], [101, 8, 102, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    image_ids = torch.tensor([0, 1, 2, 3])
+    pos = losses.pair_positives(image_ids, ids, mask)
+    expected = torch.eye(4, dtype=torch.bool)
+    expected[0, 2] = expected[2, 0] = True
+    assert torch.equal(pos, expected)
+    torch.manual_seed(2)
+    img = torch.nn.functional.normalize(torch.randn(4, 2, 4), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 4), dim=-1)
+    loss, sim_i2t, sim_t2i = losses.itc_loss(img, txt, torch.tensor(1.0), pos)
+    target = [[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1]]
+    i2t = sum(_ce_smoothed(sim_i2t[i].tolist(), target[i]) for i in range(4)) / 4
+    t2i = sum(_ce_smoothed(sim_t2i[i].tolist(), target[i]) for i in range(4)) / 4
+    assert abs(loss.item() - (i2t + t2i) / 2) < 1e-5
+    sim = torch.zeros(4, 4)
+    sim[0, 2] = sim[2, 0] = 50.0  # the shared caption would be by far the hardest negative
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        neg_t, neg_i = losses.sample_hard_negatives(sim, sim, pos, generator=g)
+        assert not pos[torch.arange(4), neg_t].any() and not pos[torch.arange(4), neg_i].any()
+
+
+def test_a_batch_of_one_caption_keeps_its_other_images_as_negatives():
+    ids = torch.tensor([[101, 5, 102]] * 3)
+    pos = losses.pair_positives(torch.tensor([0, 1, 2]), ids, torch.ones(3, 3, dtype=torch.long))
+    assert torch.equal(pos, torch.eye(3, dtype=torch.bool))
 
 
 def test_itm_loss_by_hand():

@@ -19,19 +19,41 @@ def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch
     return torch.einsum("iqd,td->iqt", image_feats, text_feats).amax(dim=1)
 
 
-def same_image_targets(image_ids_local: torch.Tensor, image_ids_all: torch.Tensor) -> torch.Tensor:
-    """[B, W*B]: the normalised indicator of texts/images that share an image id."""
-    pos = (image_ids_local[:, None] == image_ids_all[None, :]).float()
-    return pos / pos.sum(dim=1, keepdim=True)
+def same_text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, N] bool: rows whose texts are token-identical (padding ignored)."""
+    ids = input_ids.masked_fill(attention_mask == 0, -1)
+    _, group = torch.unique(ids, dim=0, return_inverse=True)  # equal rows -> equal group
+    return group[:, None] == group[None, :]
+
+
+def pair_positives(image_ids: torch.Tensor | None, input_ids: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
+    """[N, N] bool over a (global) batch of N (image, text) pairs: pair i's image matches pair j's text when
+    they share an image id (the original's `image_id` masking, LAVIS blip2_qformer.Blip2Qformer.forward) or
+    when the two texts are token-identical. A caption that two pictures share describes both, so it must be
+    neither a contrastive negative nor a hard negative for either (templated captions repeat often: "an orange
+    triangle" for dozens of pictures). A row left without any negative keeps only its same-image positives.
+    Without image ids each pair is its own image (the diagonal)."""
+    if image_ids is None:
+        device = input_ids.device if input_ids is not None else None
+        same_image = torch.eye(n if n is not None else input_ids.shape[0], dtype=torch.bool, device=device)
+    else:
+        same_image = image_ids[:, None] == image_ids[None, :]
+    if input_ids is None:
+        return same_image
+    pos = same_image | same_text(input_ids, attention_mask)
+    lonely = pos.all(dim=1)
+    pos[lonely] = same_image[lonely]
+    return pos
 
 
 def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
-             image_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             positive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contrastive loss over the global batch.
 
     image_feats [B, Q, D] and text_feats [B, D] (normalised, this rank's); features of all ranks are gathered
-    with gradient. Targets: this rank's diagonal (rank*B + arange(B)), or the same-image indicator when
-    `image_ids` [B] is given. Cross-entropy with label smoothing 0.1, mean of both directions.
+    with gradient. Targets: this rank's diagonal (rank*B + arange(B)), or, when `positive` [B, W*B] (this
+    rank's rows of `pair_positives`) is given, its normalised indicator. Cross-entropy with label smoothing 0.1, mean of both directions.
     Returns (loss, sim_i2t [B, W*B], sim_t2i [B, W*B]) with the similarities divided by `temp`.
     """
     B = image_feats.shape[0]
@@ -39,11 +61,12 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Te
     text_all = dist.gather_with_grad(text_feats)  # (W*B, D)
     sim_i2t = itc_similarity(image_feats, text_all) / temp  # (B, W*B)
     sim_t2i = itc_similarity(image_all, text_feats).t() / temp  # (B, W*B)
-    if image_ids is None:
+    if positive is None:
         targets = torch.arange(B, device=image_feats.device) + dist.rank() * B
         targets = F.one_hot(targets, sim_i2t.shape[1]).to(sim_i2t.dtype)
     else:
-        targets = same_image_targets(image_ids, dist.gather(image_ids)).to(sim_i2t.dtype)
+        targets = positive.to(sim_i2t.dtype)
+        targets = targets / targets.sum(dim=1, keepdim=True)
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
             + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)) / 2
     return loss, sim_i2t, sim_t2i
@@ -51,20 +74,19 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Te
 
 @torch.no_grad()
 def sample_hard_negatives(sim_i2t_all: torch.Tensor, sim_t2i_all: torch.Tensor,
-                          image_ids_all: torch.Tensor | None = None,
+                          positive: torch.Tensor | None = None,
                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For every row of the GLOBAL batch: one negative text per image and one negative image per text, drawn
     with probability softmax(similarity) where positives are excluded.
 
-    sim_*_all [N, N] (N = W*B, rows = all ranks' samples). Sampling every global row on every rank with the
+    sim_*_all [N, N] (N = W*B, rows = all ranks' samples); `positive` [N, N] (`pair_positives`, default the
+    diagonal) marks the pairs that are never negatives. Sampling every global row on every rank with the
     same generator state makes the negatives independent of how the batch is split across processes.
     Returns (neg_text_for_image [N], neg_image_for_text [N]) indices into the global batch.
     """
     N = sim_i2t_all.shape[0]
-    if image_ids_all is None:
+    if positive is None:
         positive = torch.eye(N, dtype=torch.bool, device=sim_i2t_all.device)
-    else:
-        positive = image_ids_all[:, None] == image_ids_all[None, :]
     if bool(positive.all(dim=1).any()):
         raise ValueError("ITM hard negatives need at least two different images in the global batch")
     w_i2t = _negative_weights(sim_i2t_all, positive)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModel
 
+from . import losses
 from .config import VisionConfig
 from .convert_lavis import ours_to_lavis
 from .files import atomic_file, write_text_atomic
@@ -39,12 +40,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def contrastive_targets(text_ids: torch.Tensor, text_mask: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:
     """[B, B] row-normalised positives: pairs whose texts are token-identical or whose images are the same."""
-    ids = text_ids.masked_fill(text_mask == 0, -1)
-    _, text_group = torch.unique(ids, dim=0, return_inverse=True)  # equal rows -> equal group
-    pos = text_group[:, None] == text_group[None, :]
-    if image_ids is not None:
-        pos = pos | (image_ids[:, None] == image_ids[None, :])
-    pos = pos.float()
+    pos = losses.pair_positives(image_ids, text_ids, text_mask).float()
     return pos / pos.sum(1, keepdim=True)
 
 

@@ -46,7 +46,8 @@ def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, at
                   image_ids: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """ITC + ITM + ITG for a batch of (image, text) pairs. input_ids: BERT-tokenised text starting with [CLS],
-    right-padded, [B, T]; image_ids [B] marks texts that share an image (soft ITC targets, no such negatives)."""
+    right-padded, [B, T]; image_ids [B] marks texts that share an image. Pairs that share an image or whose texts
+    are identical are positives of each other (soft ITC targets, never ITM negatives): losses.pair_positives."""
     if not model.cfg.stage1_heads or model.qformer.lm_head is None:
         raise ValueError("stage-1 losses need the stage-1 heads and the Q-Former LM head "
                          "(config stage1_heads=True, qformer.lm_head=True)")
@@ -64,16 +65,19 @@ def stage1_losses(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, at
     t_out = qf(None, input_ids=input_ids, text_mask=attention_mask, mode="itc", with_queries=False)
     text_feat = heads.project_text(model.text_proj, t_out.text_output)  # (B, D) from [CLS]
 
-    itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feat, model.temp, image_ids)
-
-    # --- ITM: hard negatives from the global batch
+    # which pairs of the global batch match: same image, or the same caption text (never negatives)
     ids_all = dist.gather(input_ids)  # (W*B, T)
     mask_all = dist.gather(attention_mask)
-    image_all = dist.gather_with_grad(image)  # (W*B, M, Dv)
     image_ids_all = dist.gather(image_ids) if image_ids is not None else None
-    neg_text, neg_image = losses.sample_hard_negatives(dist.gather(sim_i2t.detach()), dist.gather(sim_t2i.detach()),
-                                                       image_ids_all, generator=generator)
+    positive = losses.pair_positives(image_ids_all, ids_all, mask_all)  # (W*B, W*B)
     rows = torch.arange(B, device=input_ids.device) + dist.rank() * B  # this rank's global rows
+
+    itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feat, model.temp, positive[rows])
+
+    # --- ITM: hard negatives from the global batch
+    image_all = dist.gather_with_grad(image)  # (W*B, M, Dv)
+    neg_text, neg_image = losses.sample_hard_negatives(dist.gather(sim_i2t.detach()), dist.gather(sim_t2i.detach()),
+                                                       positive, generator=generator)
     neg_t, neg_i = neg_text[rows], neg_image[rows]
     itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_t]], dim=0)  # (3B, T)
     itm_mask = torch.cat([attention_mask, attention_mask, mask_all[neg_t]], dim=0)
