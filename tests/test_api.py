@@ -38,6 +38,11 @@ def ckpt(request, tmp_path_factory):
     return request.param, d, hf, proc
 
 
+# transformers' generate defaults, spelled out: our methods default to the original implementation's settings
+HF_DEFAULTS = dict(num_beams=1, min_new_tokens=0, length_penalty=1.0, repetition_penalty=1.0,
+                   repetition_context="prompt+generated")
+
+
 def _reference_texts(kind, hf, proc, images, prompts, **gen):
     padding_side = "right" if kind.endswith("t5") else "left"
     proc.tokenizer.padding_side = padding_side
@@ -54,7 +59,7 @@ def test_text_api_matches_transformers_pipeline(ckpt, gen):
     kind, d, hf, proc = ckpt
     model = blip2.load(d)
     assert model.processor is not None
-    ours = model.instruct(IMAGES, PROMPTS, **gen)
+    ours = model.instruct(IMAGES, PROMPTS, **{**HF_DEFAULTS, **gen})
     assert ours == _reference_texts(kind, hf, proc, IMAGES, PROMPTS, **gen)
 
 
@@ -72,9 +77,42 @@ def test_caption_and_answer_helpers(ckpt):
     model = blip2.load(d)
     caps = model.caption(IMAGES[:2], max_new_tokens=5)
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
-    ans = model.answer(IMAGES[:1], "what is the man holding?", max_new_tokens=4)
+    g = dict(max_new_tokens=4, num_beams=1, min_new_tokens=0, repetition_penalty=1.0)
+    ans = model.answer(IMAGES[:1], "what is the man holding?", **g)
     q = "Question: what is the man holding? Short answer:"
-    assert ans == model.instruct(IMAGES[:1], [q], max_new_tokens=4)
+    assert ans == model.instruct(IMAGES[:1], [q], **g)
+
+
+# The original implementation's defaults, read from LAVIS by hand: blip2_opt.py / blip2_t5.py `generate`
+# (num_beams=5, max_length=30, min_length=1, repetition_penalty=1.0, length_penalty=1.0),
+# blip2_vicuna_instruct.py / blip2_t5_instruct.py `generate` (num_beams=5, max_length=256, min_length=1,
+# repetition_penalty=1.5, length_penalty=1), `predict_answers` (num_beams=5, max_len=10, min_len=1,
+# length_penalty=0 for OPT / Vicuna, -1 for Flan-T5). T5's min_length counts the decoder start token.
+ORIGINAL = {
+    "blip2-opt": {"caption": (5, 30, 1, 1.0, 1.0), "instruct": (5, 30, 1, 1.0, 1.0), "answer": (5, 10, 1, 0.0, 1.0)},
+    "instructblip-llama": {"caption": (5, 256, 1, 1.0, 1.5), "instruct": (5, 256, 1, 1.0, 1.5),
+                           "answer": (5, 10, 1, 0.0, 1.5)},
+    "instructblip-t5": {"caption": (5, 256, 0, 1.0, 1.5), "instruct": (5, 256, 0, 1.0, 1.5),
+                        "answer": (5, 10, 0, -1.0, 1.5)},
+}
+
+
+def test_methods_default_to_the_original_generation_settings(ckpt, monkeypatch):
+    kind, d, hf, proc = ckpt
+    model = blip2.load(d)
+    seen = []
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.append(kw) or torch.zeros(1, 1, dtype=torch.long))
+    keys = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "repetition_penalty")
+    for kind_, call in (("caption", lambda: model.caption(IMAGES[:1])),
+                        ("instruct", lambda: model.instruct(IMAGES[:1], ["describe the image"])),
+                        ("answer", lambda: model.answer(IMAGES[:1], "what is it?"))):
+        call()
+        assert tuple(seen[-1][k] for k in keys) == ORIGINAL[kind][kind_], kind_
+        assert seen[-1]["repetition_context"] == "generated"  # the original penalises generated tokens only
+    model.instruct(IMAGES[:1], ["describe"], num_beams=2, max_new_tokens=3)  # arguments override
+    assert (seen[-1]["num_beams"], seen[-1]["max_new_tokens"]) == (2, 3)
+    model.instruct(IMAGES[:1], ["describe"], do_sample=True)  # sampling alone: one sequence, not beam sampling
+    assert seen[-1]["num_beams"] == 1 and seen[-1]["do_sample"]
 
 
 def test_generate_returns_new_tokens_only(ckpt):

@@ -208,7 +208,8 @@ def test_eval_caption_end_to_end(opt_dir, photos, tmp_path, capsys):
     assert [p["image_id"] for p in preds] == [0, 1, 3]  # annotation order, the missing image left out
     assert report["skipped"] == 1 and report["skipped_items"][0]["id"] == 2
     assert "not found" in report["skipped_items"][0]["reason"]
-    assert report["generation"] == {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}  # LAVIS eval defaults
+    assert report["generation"] == {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8,  # LAVIS eval defaults
+                                    "length_penalty": 1.0, "repetition_penalty": 1.0}
     model = blip2.load(opt_dir)
     for p, img in zip(preds, [photos[0], photos[1], photos[3]]):
         assert p["caption"] == model.caption([img], num_beams=5, max_new_tokens=30, min_new_tokens=8)[0]

@@ -32,6 +32,9 @@ from hf_models import NUM_QUERY, QFORMER, VISION, _randomize  # noqa: E402
 from hf_models import checkpoint_with_processor as _checkpoint  # noqa: E402
 from test_api import _reference_texts  # noqa: E402
 
+# the server decodes greedily with transformers' defaults unless a request says otherwise; the model's methods
+# default to the original implementation's settings, so comparisons spell the server's out
+SERVER = dict(num_beams=1, min_new_tokens=0, length_penalty=1.0, repetition_penalty=1.0)
 IMAGES = [sample_image(40), sample_image((48, 36)).rotate(90), sample_image(33).convert("L"), sample_image(52)]
 QUESTIONS = ["what is the man holding?", "what color is the cat?", "describe the image", "is it raining?"]
 VQA = "Question: {} Short answer:"
@@ -144,7 +147,7 @@ def test_chat_matches_transformers(opt, srv):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     # no text: a caption (BLIP-2 starts from BOS), as the library's caption()
     status, out = srv.post("/v1/caption", {"image": data_url(IMAGES[1]), "max_tokens": 6})
-    assert status == 200 and out["captions"][0]["text"] == opt[3].caption([IMAGES[1]], max_new_tokens=6)[0]
+    assert status == 200 and out["captions"][0]["text"] == opt[3].caption([IMAGES[1]], max_new_tokens=6, **SERVER)[0]
     assert answer(srv, chat_body(IMAGES[1], max_tokens=6)) == [out["captions"][0]["text"]]
 
 
@@ -152,7 +155,7 @@ def test_multi_turn_prompt(opt, srv):
     body = chat_body(IMAGES[0], "what is it?", max_tokens=5)
     body["messages"] += [{"role": "assistant", "content": "a man"}, {"role": "user", "content": "where is he?"}]
     prompt = "Question: what is it? Short answer: a man Question: where is he? Short answer:"
-    assert answer(srv, body) == opt[3].instruct([IMAGES[0]], [prompt], max_new_tokens=5)
+    assert answer(srv, body) == opt[3].instruct([IMAGES[0]], [prompt], max_new_tokens=5, **SERVER)
 
 
 def test_stream_equals_non_stream(srv):
@@ -215,7 +218,7 @@ def test_beam_search_batched_equals_alone(opt, batch_srv, srv):
     together = [out["choices"][0]["message"]["content"] for _, out in results]
     assert together == [answer(srv, b)[0] for b in bodies]
     prompts = [VQA.format(q) for q in QUESTIONS[:3]]
-    assert together == opt[3].instruct(IMAGES[:3], prompts, num_beams=3, max_new_tokens=6)
+    assert together == opt[3].instruct(IMAGES[:3], prompts, max_new_tokens=6, **{**SERVER, "num_beams": 3})
     status, events = srv.post("/v1/chat/completions", {**bodies[0], "stream": True})  # beams: one piece at the end
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == together[0]
 
@@ -298,7 +301,7 @@ def test_qformer_caption_stage1(tmp_path):
         assert c.get("/v1/models")[1]["data"][0]["capabilities"] == ["caption", "itm"]
         bodies = [{"image": data_url(img), "max_tokens": 6} for img in IMAGES[:3]]
         got = [out["captions"][0]["text"] for _, out in concurrently(c, "/v1/caption", bodies)]
-        assert got == model.caption(IMAGES[:3], num_beams=1, max_new_tokens=6, min_new_tokens=0)
+        assert got == model.caption(IMAGES[:3], max_new_tokens=6, **SERVER)
         status, err = c.post("/v1/caption", {**bodies[0], "prompt": "a photo of"})
         assert status == 400 and "no prompt" in err["error"]["message"]
 

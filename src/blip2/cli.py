@@ -33,9 +33,9 @@ MODEL_HELP = "a transformers-format checkpoint directory or a `blip2 train` run 
 
 
 def _gen_kwargs(a) -> dict:
-    kw = {"max_new_tokens": a.max_new_tokens, "num_beams": a.num_beams}
-    if a.min_new_tokens is not None:
-        kw["min_new_tokens"] = a.min_new_tokens
+    """The generation options given on the command line; the model's `generation_defaults` fill the rest."""
+    kw = {k: v for k, v in (("max_new_tokens", a.max_new_tokens), ("num_beams", a.num_beams),
+                            ("min_new_tokens", a.min_new_tokens)) if v is not None}
     if a.sample:
         kw.update(do_sample=True, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
     if a.repetition_penalty is not None:
@@ -220,11 +220,13 @@ def cmd_serve(a) -> None:
     serve(a.model, a.host, a.port, settings, log_level=a.log_level, **load_options(a))
 
 
-def _add_generation(p: argparse.ArgumentParser, max_new: int = 30) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=max_new)
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation", "unset options take the original implementation's defaults for the "
+                             "model's architecture (Blip2Model.generation_defaults; e.g. InstructBLIP: 5 beams, up "
+                             "to 256 new tokens, repetition penalty 1.5; answers: up to 10 tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--min-new-tokens", type=int, default=None)
-    g.add_argument("--num-beams", type=int, default=5)
+    g.add_argument("--num-beams", type=int, default=None)
     g.add_argument("--sample", action="store_true", help="sample instead of beam search / greedy")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -293,13 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="?")
     p.add_argument("--template", default=None, help='prompt template with {} for the question')
     _add_model(p)
-    _add_generation(p, max_new=10)
+    _add_generation(p)
     _add_bulk(p, questions=True)
     p = add("instruct", cmd_instruct)
     p.add_argument("image", type=Path, nargs="?")
     p.add_argument("text", nargs="?")
     _add_model(p)
-    _add_generation(p, max_new=256)
+    _add_generation(p)
     _add_bulk(p, questions=True)
     p = add("info", cmd_info)
     p.add_argument("model", help=MODEL_HELP)

@@ -34,14 +34,17 @@ TASKS = ("caption", "vqa", "retrieval", "choice")
 
 
 def generation_defaults(task: str, is_encoder_decoder: bool) -> dict:
-    """As LAVIS's eval configs (lavis/projects/blip2/eval/*.yaml): captions 5 beams, 30 max / 8 min new tokens;
-    VQA 5 beams, 10 max / 1 min, length penalty -1 for encoder-decoder LLMs (Flan-T5) and 0 for decoder-only ones
-    (OPT)."""
+    """As LAVIS's BLIP-2 eval configs (lavis/projects/blip2/eval/*.yaml): captions 5 beams, 30 max / 8 min new
+    tokens; VQA 5 beams, 10 max / 1 min, length penalty -1 for encoder-decoder LLMs (Flan-T5) and 0 for
+    decoder-only ones (OPT); no repetition penalty (blip2_opt.py / blip2_t5.py `generate`). Spelled out in full,
+    so that a generic evaluation does not change with the model's own defaults (an InstructBLIP model's carry
+    InstructBLIP's 1.5 repetition penalty; `blip2 eval --benchmark` applies each protocol's settings)."""
     if task == "caption":
-        return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+        return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8, "length_penalty": 1.0,
+                "repetition_penalty": 1.0}
     if task == "vqa":
         return {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1,
-                "length_penalty": -1.0 if is_encoder_decoder else 0.0}
+                "length_penalty": -1.0 if is_encoder_decoder else 0.0, "repetition_penalty": 1.0}
     return {}
 
 

@@ -26,6 +26,7 @@ from .config import Blip2Config
 from .generation import GenerationConfig, generate
 from .lora import lora_train_mode
 from .processing import CAPTION_INSTRUCTION, VQA_TEMPLATE
+from .protocols import original_generation
 from .qformer import QFormer
 from .qformer_caption import qformer_generate
 from .stage1 import stage1_losses
@@ -345,10 +346,25 @@ class Blip2Model(nn.Module):
                             qformer_attention_mask=q_mask, **generation)
         return proc.decode(out)
 
+    def generation_defaults(self, kind: str) -> dict:
+        """The settings `caption` / `answer` / `instruct` (kind) use where their keyword arguments are silent: the
+        original implementation's for this architecture and LLM family (blip2.protocols.original_generation; e.g.
+        InstructBLIP: 5 beams, up to 256 new tokens, repetition penalty 1.5). Keyword arguments override them;
+        `do_sample=True` without `num_beams` samples one sequence (the original would beam-sample)."""
+        return original_generation(self.cfg, kind)
+
+    def _with_defaults(self, kind: str, generation: dict) -> dict:
+        merged = {**self.generation_defaults(kind), **generation}
+        if generation.get("do_sample") and "num_beams" not in generation:
+            merged["num_beams"] = 1
+        return merged
+
     def caption(self, images, prompt: str | None = None, **generation) -> list[str]:
-        """Captions for a list of images (PIL, paths or a pixel tensor); `prompt` e.g. "a photo of"."""
+        """Captions for a list of images (PIL, paths or a pixel tensor); `prompt` e.g. "a photo of". Unset
+        generation settings take `generation_defaults("caption")` (models with an LLM)."""
         if self.llm is None:  # a stage-1 / retrieval model: the Q-Former itself decodes (ITG)
             return self.need_processor().decode(qformer_generate(self, self.pixel_values(images), **generation))
+        generation = self._with_defaults("caption", generation)
         n = _batch_len(images)
         prompts = [prompt] * n if prompt else None
         if prompts is None and (self.cfg.is_encoder_decoder or not _adds_bos(self.need_processor().tokenizer)):
@@ -362,13 +378,17 @@ class Blip2Model(nn.Module):
 
     def answer(self, images, questions: list[str] | str, template: str = VQA_TEMPLATE,
                **generation) -> list[str]:
-        """Short answers (the zero-shot VQA prompt of the BLIP-2 paper §4.1) to one question per image."""
+        """Short answers (the zero-shot VQA prompt of the BLIP-2 paper §4.1) to one question per image. Unset
+        generation settings take `generation_defaults("answer")` (the original `predict_answers`: up to 10 tokens)."""
+        generation = self._with_defaults("answer", generation)
         questions = [questions] if isinstance(questions, str) else list(questions)
         prompts = [template.format(q) for q in questions]
         return self._generate_text(images, prompts, prompts, **generation)
 
     def instruct(self, images, instructions: list[str] | str, **generation) -> list[str]:
-        """Follow one free-form instruction per image (InstructBLIP: the instruction also enters the Q-Former)."""
+        """Follow one free-form instruction per image (InstructBLIP: the instruction also enters the Q-Former).
+        Unset generation settings take `generation_defaults("instruct")`."""
+        generation = self._with_defaults("instruct", generation)
         instructions = [instructions] if isinstance(instructions, str) else list(instructions)
         return self._generate_text(images, instructions, instructions, **generation)
 

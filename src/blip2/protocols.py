@@ -63,8 +63,7 @@ ORIGINAL_ANSWER = {k: {**v, **dict(zip(("max_new_tokens", "min_new_tokens"), lav
 
 def original_generation(cfg, kind: str = "instruct") -> dict:
     """The original `generate` defaults (kind "caption" / "instruct") or `predict_answers` defaults ("answer") for a
-    model config: `model.instruct(images, texts, **original_generation(model.cfg))`. The model's own methods keep
-    their defaults (greedy, 20 new tokens)."""
+    model config; `model.caption` / `answer` / `instruct` use them where their keyword arguments are silent."""
     if kind not in ("caption", "instruct", "answer"):
         raise ValueError(f"kind must be 'caption', 'instruct' or 'answer', got {kind!r}")
     key = architecture_key(cfg.architecture, cfg.is_encoder_decoder)
