@@ -14,7 +14,7 @@ import torch
 import blip2
 from blip2 import cli, evaluation
 from blip2.annotations import read_caption_data, read_choice_data, read_vqa_data
-from blip2.evaluation import choice_scores, rank_choices
+from blip2.evaluation import choice_scores, evaluate, rank_choices
 from fixtures import make_bert_tokenizer, sample_image
 from hf_models import NUM_QUERY, checkpoint_with_processor, retrieval_hf
 
@@ -256,6 +256,22 @@ def test_eval_vqa_end_to_end(opt_dir, photos, tmp_path):
     assert report["generation"]["length_penalty"] == 0.0
 
 
+def test_eval_vqa_asks_cleaned_questions_and_keeps_them_as_written(opt_dir, photos, tmp_path, monkeypatch):
+    """As the original's eval (and our VQA training data): lower case, `. ! " ( ) * # : ; ~` deleted (LAVIS
+    BlipQuestionProcessor keeps '?'); clean_questions=False (--keep-questions) asks them as written."""
+    model = blip2.load(opt_dir)
+    asked = []
+    monkeypatch.setattr(model, "answer", lambda px, qs, **kw: asked.extend(qs) or ["x"] * len(qs))
+    data = [{"image": photos[0].name, "question": "What COLOR (fur) is the cat?!", "answer": ["x"], "question_id": 1}]
+    ann = _write(photos[0].parent / "vqa_clean.json", data)
+    out = tmp_path / "out"
+    evaluate("vqa", model, ann, output=out, progress=False)
+    assert asked == ["what color fur is the cat?"]
+    assert json.loads((out / "predictions.json").read_text())[0]["question"] == "What COLOR (fur) is the cat?!"
+    evaluate("vqa", model, ann, clean_questions=False, progress=False)
+    assert asked[-1] == "What COLOR (fur) is the cat?!"
+
+
 def test_eval_choice_end_to_end(opt_dir, photos, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     data = [{"image": str(photos[0]), "question": "what is this?", "choices": ["a cat", "a man", "rice"], "answer": 1},
@@ -268,8 +284,9 @@ def test_eval_choice_end_to_end(opt_dir, photos, tmp_path):
     preds = json.loads((out / "predictions.json").read_text())
     model = blip2.load(opt_dir)
     prompts = ["Question: what is this? Short answer:", "a photo of"]
-    expected = rank_choices(model, photos[:2], prompts, [data[0]["choices"], data[1]["choices"]])
+    expected = rank_choices(model, photos[:2], prompts, [data[0]["choices"], data[1]["choices"]], reduce="sum")
     assert [p["prediction"] for p in preds] == expected and [p["prompt"] for p in preds] == prompts
+    assert report["metrics"]["ranked_by"] == "sum"  # the original ranks by the summed log-likelihood
     assert report["metrics"]["accuracy"] == pytest.approx(50.0 * sum(e == a for e, a in zip(expected, [1, 1])))
     assert [s["index"] for s in report["skipped_items"]] == [2, 3]
     assert "cannot read image" in report["skipped_items"][0]["reason"]

@@ -14,6 +14,7 @@ The formats per task (every reader returns (items, skipped); bad entries are rep
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,8 +30,10 @@ def read_json(path) -> Any:
 
 
 def as_list(x) -> list:
-    """A path or a list of paths as a list."""
-    return [x] if isinstance(x, str) else list(x) if isinstance(x, (list, tuple)) else []
+    """A path (str or os.PathLike) or a list of paths as a list; None as []."""
+    if x is None:
+        return []
+    return [x] if isinstance(x, (str, os.PathLike)) else list(x)
 
 
 def split_rows(rows: list[dict], root: Path | None) -> tuple[list[dict], list[dict]]:

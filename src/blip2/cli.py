@@ -186,7 +186,8 @@ def cmd_eval(a) -> None:
         else:
             report = evaluate(a.task, model, a.data, a.images, output=a.output or f"runs/eval/{a.task}",
                               batch_size=a.batch_size, generation=gen, prompt=a.prompt, template=a.template,
-                              k=a.k, reduce=a.reduce, normalize_answers=a.normalize_answers, limit=a.limit,
+                              k=a.k, reduce=a.reduce, normalize_answers=a.normalize_answers,
+                              clean_questions=not a.keep_questions, limit=a.limit,
                               progress=not a.no_progress, model_name=str(a.model))
     if report is not None:  # process 0
         print(json.dumps(report, indent=2) if a.json else markdown_report(report), end="\n" if a.json else "")
@@ -329,8 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help='vqa / choice: question template (default '
                                                       f'"{VQA_TEMPLATE}")')
     p.add_argument("--k", type=int, default=128, help="retrieval: candidates per row re-ranked with ITM")
-    p.add_argument("--reduce", choices=["mean", "sum"], default="mean",
-                   help="choice: rank by the mean or the sum of the choice's token log-probabilities")
+    p.add_argument("--reduce", choices=["mean", "sum"], default="sum",
+                   help="choice: rank by the sum (the original's) or the mean of the choice's token log-probabilities")
+    p.add_argument("--keep-questions", action="store_true",
+                   help="vqa: ask the questions as written (default: cleaned as the original's eval and our VQA "
+                        "training data: lower case, . ! \" ( ) * # : ; ~ removed)")
     p.add_argument("--normalize-answers", action="store_true",
                    help="vqa: normalise ground-truth answers fully (raw answers), not only as the official tool does")
     p.add_argument("--no-progress", action="store_true")

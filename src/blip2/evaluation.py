@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import dist, metrics
 from .annotations import READERS, as_list, caption_rows, split_rows, vqa_row
-from .processing import VQA_TEMPLATE, pad_ids, pre_caption
+from .processing import VQA_TEMPLATE, pad_ids, pre_caption, pre_question
 from .retrieval import score_matrix
 from .sources import ImageReader, open_source, table_files, table_rows
 
@@ -288,10 +288,10 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)  # the first of equal maxima
 
 
-def rank_choices(model, images, prompts: Sequence[str], choices, reduce: str = "mean", batch_size: int = 16,
+def rank_choices(model, images, prompts: Sequence[str], choices, reduce: str = "sum", batch_size: int = 16,
                  qformer_texts: Sequence[str] | None = None) -> list[int]:
-    """The index of the most likely choice per sample (see choice_scores); reduce="mean" compares the mean token
-    log-probability (no bias towards short choices), "sum" the total. Ties go to the first choice."""
+    """The index of the most likely choice per sample (see choice_scores); reduce="sum" (the original's) compares the
+    total token log-probability, "mean" the mean (no bias towards short choices). Ties go to the first choice."""
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     return [_argmax(s[reduce]) for s in choice_scores(model, images, prompts, choices, batch_size, qformer_texts)]
@@ -328,7 +328,8 @@ def _score_caption(results, _, opts) -> dict:
 
 def _vqa(model, items, opts):
     def step(px, batch):
-        answers = model.answer(px, [it["question"] for it in batch], template=opts["template"], **opts["generation"])
+        questions = [pre_question(it["question"]) if opts["clean_questions"] else it["question"] for it in batch]
+        answers = model.answer(px, questions, template=opts["template"], **opts["generation"])
         return [{"question_id": it["id"], "answer": a, "image": it["image"], "question": it["question"],
                  "gt_answers": it["answers"], "question_type": it["question_type"], "answer_type": it["answer_type"],
                  "score": metrics.vqa_item_score(a, it["answers"], opts["normalize_answers"])}
@@ -430,8 +431,8 @@ def markdown_report(report: dict) -> str:
 
 def evaluate(task: str, model, data: str | Sequence[str], images: str | None = None, output: str | None = None,
              batch_size: int = 16, generation: dict | None = None, prompt: str | None = None,
-             template: str | None = None, k: int = 128, reduce: str = "mean", normalize_answers: bool = False,
-             limit: int | None = None, progress: bool = True, model_name: str | None = None) -> dict | None:
+             template: str | None = None, k: int = 128, reduce: str = "sum", normalize_answers: bool = False,
+             clean_questions: bool = True, limit: int | None = None, progress: bool = True, model_name: str | None = None) -> dict | None:
     """Run one benchmark end to end. Process 0 returns the report that metrics.json holds: {"task", "model",
     "data", "processes", "items", "evaluated", "skipped" (a count), "skipped_items" ({"index", "id", "image",
     "reason"}), "metrics", "generation", "notes", "seconds"} and, with `output`, writes predictions.json (before
@@ -439,8 +440,11 @@ def evaluate(task: str, model, data: str | Sequence[str], images: str | None = N
 
     images: the folder image names are relative to (default: the annotation file's). generation: overrides of
     generation_defaults. prompt: caption prompt (e.g. "a photo of"); template: VQA / choice question template.
-    k: retrieval re-ranking depth. reduce: choice ranking by "mean" or "sum" log-probability. normalize_answers:
-    normalise VQA human answers fully (raw answers), not only as the official tool does. limit: first N entries.
+    k: retrieval re-ranking depth. reduce: choice ranking by the "sum" (the original's, LAVIS `_predict_class`) or
+    the "mean" token log-probability (both are reported). normalize_answers: normalise VQA human answers fully
+    (raw answers), not only as the official tool does. clean_questions: VQA questions lower-cased with `. ! " ( ) * # : ;
+    ~` removed (`pre_question`), as the original's eval text processor (`blip_question`) and our VQA training data; the
+    predictions keep the question as written. limit: first N entries.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -461,7 +465,8 @@ def evaluate(task: str, model, data: str | Sequence[str], images: str | None = N
                          + (f", e.g. {skipped[0]['reason']})" if skipped else ")"))
     gen = {**generation_defaults(task, model.cfg.is_encoder_decoder), **(generation or {})}
     opts = {"batch_size": batch_size, "progress": progress, "generation": gen, "prompt": prompt,
-            "template": template or VQA_TEMPLATE, "k": k, "reduce": reduce, "normalize_answers": normalize_answers}
+            "template": template or VQA_TEMPLATE, "k": k, "reduce": reduce, "normalize_answers": normalize_answers,
+            "clean_questions": clean_questions}
     run, score = RUNNERS[task]
     was_training = model.training
     model.eval()
