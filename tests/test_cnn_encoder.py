@@ -127,7 +127,7 @@ def test_lavis_layout_round_trip():
 
 
 def test_stage0_tag_export_loads_through_vit_path(tmp_path):
-    from blip2.convert_lavis import load_vit_weights
+    from blip2.lavis_load import load_vit_weights
     from blip2.stage0 import TagPretrainer
 
     pre = TagPretrainer(VisionConfig(**CNN), tag_ids=[[5, 6], [7]]).eval()

@@ -193,7 +193,7 @@ def test_values_land_in_place(hf_opt, tmp_path, caplog):
     lavis = lavis_state(proj="opt_proj")
     vit = eva_vit_state()
     torch.save(vit, tmp_path / "eva_vit_g.pth")
-    with caplog.at_level(logging.WARNING, logger="blip2.convert_lavis"):
+    with caplog.at_level(logging.WARNING, logger="blip2.lavis_load"):
         m = load_lavis(save_pth(tmp_path / "a.pth", lavis), hf_config(hf_opt, tmp_path), vit=tmp_path / "eva_vit_g.pth")
     sd = m.state_dict()
     L = "Qformer.bert.encoder.layer."
@@ -231,7 +231,7 @@ def test_stage1_file_enables_heads_and_text(tmp_path, caplog):
     lavis = lavis_state(text=True, lm_head=True, heads=True)
     cfg = Blip2Config.from_hf(json.loads(hf_config(blip2_hf(OPT), tmp_path).read_text()))
     assert not cfg.stage1_heads and not cfg.qformer.lm_head
-    with caplog.at_level(logging.WARNING, logger="blip2.convert_lavis"):
+    with caplog.at_level(logging.WARNING, logger="blip2.lavis_load"):
         m = load_lavis(save_pth(tmp_path / "blip2_pretrained.pth", lavis), cfg)
     assert m.cfg.stage1_heads and m.cfg.qformer.use_text and m.cfg.qformer.lm_head
     assert len(m.load_report["config_changes"]) == 3

@@ -157,7 +157,7 @@ def test_text_encoder_frozen_vision_trains(bert_dir, tokenizer):
 # ------------------------------------------------------------------------------------------ export
 def test_export_loads_into_blip2_vision(bert_dir, tmp_path):
     from blip2.config import Blip2Config
-    from blip2.convert_lavis import load_vit_weights
+    from blip2.lavis_load import load_vit_weights
     from blip2.model import Blip2Model
 
     aligner = _aligner(bert_dir, seed=3).eval()

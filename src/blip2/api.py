@@ -7,7 +7,7 @@
     blip2.from_bert(bert_dir, vision)   a stage-1 model whose Q-Former starts from a BERT-family checkpoint
 
 This is the layer that builds models from files: the converters below it (checkpoint.py, convert_lavis.py,
-convert_bert.py) translate weights and never import the model (docs/architecture.md).
+lavis_load.py, convert_bert.py) translate weights and never import the model (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .checkpoint import (NOT_IN_HF, CheckpointError, find_checkpoint, hf_to_ours
                          read_checkpoint, read_config, tied_names)
 from .config import Blip2Config, ConfigError, VisionConfig
 from .convert_bert import init_qformer_from_bert
-from .convert_lavis import fill_from_lavis, read_lavis_checkpoint
+from .lavis_load import fill_from_lavis, read_lavis_checkpoint
 from .lora import load_adapters
 from .model import Blip2Model
 from .processing import ImageProcessor, Processor

@@ -12,7 +12,7 @@ from ..api import from_bert, load
 from ..checkpoint import read_weights
 from ..config import Blip2Config, VisionConfig
 from ..convert_bert import init_qformer_from_bert
-from ..convert_lavis import load_vit_weights
+from ..lavis_load import load_vit_weights
 from ..lora import LoraError, add_lora
 from ..model import Blip2Model
 from ..processing import ImageProcessor, Processor
