@@ -12,14 +12,20 @@ Why a request gets the ids it gets alone:
     starting in the same step; its prompt is prefilled with theirs in one left-padded batch (mask, positions
     from the mask: exactly the batch-at-once engine's prefill), or, when it is long or has several rows (beams,
     n samples), alone in chunks of `prefill_chunk` (a lone request is chunked the same way);
-  * its search (blip2.search: greedy, sampling with its own seeded torch.Generator, beam search) runs on its
-    own rows' logits with its own `max_tokens`, so the tokens come from the same ops as alone;
+  * a plain greedy request (one row, no logits processing: blip2.search.plain_greedy; every greedy request
+    of the server, which has no repetition penalty) gets the argmax of its row of the logits: one argmax over
+    all rows per step, read to the host once, which is its own GreedySearch's argmax; every other request's
+    search (sampling with its own seeded torch.Generator, beam search) runs on its own rows' logits with its
+    own `max_tokens`, so the tokens come from the same ops as alone. Sampling stays per request: one
+    multinomial over several requests' rows would draw from one generator, not each request's own;
   * in the batched decode step the requests' KV caches are left-padded to one length and the pads masked out
     (attention mask) while each row keeps its own position ids (= its own length): a masked key adds an exact
     0 to the softmax. What can still differ is the float rounding of a batched matmul vs a single-row one;
     the tests check that the ids are equal (the standard the batch-at-once engine is held to).
 The cache lives in one transformers DynamicCache whose layers' key / value tensors [N, H, W, d] are re-made
 when a request joins (concatenated, padded on the left) or rows leave / beams reorder (one index_select).
+Each row's real length is kept as a Python int (its keys are the last ones of the W columns), so the
+attention mask and the position ids of a step are one comparison and one addition, without reading the device.
 """
 
 from __future__ import annotations
@@ -126,9 +132,15 @@ class ContinuousBatcher(Batcher):
     Batcher's."""
 
     def __init__(self, engine: Engine, max_batch_rows: int = 8, max_wait_s: float = 0.01, max_pending: int = 64,
-                 max_queue: int | None = None, prefill_chunk: int = 256, visual_cache: VisualCache | None = None):
+                 max_queue: int | None = None, prefill_chunk: int = 256, visual_cache: VisualCache | None = None,
+                 admit_group: int | None = None):
+        """admit_group: a running batch admits queued requests once this many rows are free (or all the queued
+        ones fit); default max_batch_rows // 4 (at least 1)."""
         super().__init__(engine.run, max_batch_rows, max_wait_s, max_pending, max_queue)
         self.engine, self.prefill_chunk = engine, prefill_chunk
+        self.admit_group = max(1, max_batch_rows // 4) if admit_group is None else admit_group
+        if self.admit_group < 1:
+            raise ValueError(f"ContinuousBatcher: admit_group must be >= 1, got {admit_group}")
         self.visual_cache = visual_cache
         self.stepping = supports_steps(engine)
         lm = engine.model.llm
@@ -189,6 +201,8 @@ class ContinuousBatcher(Batcher):
                         continue
                     return batch, []
                 rows = sum(_rows(s) for s in self._running_seqs + self._prefilling)
+                if busy and self._queue and self.max_batch_rows - rows < self._waiting():
+                    return None, []  # a full batch: admissions wait until a group of them fits
                 admitted = []
                 for job in list(self._queue):
                     if not self._steppable(job):
@@ -205,6 +219,17 @@ class ContinuousBatcher(Batcher):
                     admitted.append(job)
                     rows += need
                 return None, admitted
+
+    def _waiting(self) -> int:
+        """With the lock held: the free rows to wait for before admitting into a running batch, the rows of the
+        steppable jobs at the head of the queue up to `admit_group`. Admitting one request per step would cost
+        each one an encoder / Q-Former pass and a prefill of its own; under load they start in groups."""
+        queued = 0
+        for job in self._queue:
+            if not self._steppable(job) or queued >= self.admit_group:
+                break
+            queued += _rows(job)
+        return min(queued, self.admit_group)
 
     def _loop(self) -> None:
         while (work := self._take()) is not None:
