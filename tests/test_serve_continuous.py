@@ -49,6 +49,21 @@ def _slow(model, monkeypatch, seconds=0.004):
     monkeypatch.setattr(model.llm, "forward", slow)
 
 
+def _prefills(model, monkeypatch) -> list[int]:
+    """The rows of every LLM prefill (a forward with inputs_embeds) from now on, appended as they run."""
+    prefills = []
+    forward = model.llm.forward
+
+    @functools.wraps(forward)
+    def spy(*a, **kw):
+        if kw.get("inputs_embeds") is not None:
+            prefills.append(kw["inputs_embeds"].shape[0])
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(model.llm, "forward", spy)
+    return prefills
+
+
 def _job(engine, i, decoding=Decoding(), max_tokens=8, seed=None, text=None):
     question = QUESTIONS[i % len(QUESTIONS)] if text is None else text
     prompt = engine.template.replace("{}", question, 1) if question else ""
@@ -122,16 +137,7 @@ def test_requests_starting_together_share_one_prefill(opt, monkeypatch):
     args = [(i, Decoding(), k, None) for i, k in zip(range(4), (5, 9, 3, 7))]
     args.append((1, Decoding(do_sample=True, temperature=0.8), 6, 21))
     expected = _alone(engine, args)
-    prefills = []
-    forward = opt.llm.forward
-
-    @functools.wraps(forward)
-    def spy(*a, **kw):
-        if kw.get("inputs_embeds") is not None:
-            prefills.append(kw["inputs_embeds"].shape[0])
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(opt.llm, "forward", spy)
+    prefills = _prefills(opt, monkeypatch)
     batcher = ContinuousBatcher(engine, max_batch_rows=16).start()
     with batcher._cond:  # the worker cannot take any before all are queued: they are admitted together
         jobs = [batcher.submit(_job(engine, *a)) for a in args]
@@ -221,16 +227,7 @@ def test_a_full_batch_admits_waiting_requests_in_groups(opt, monkeypatch):
     engine.eos = set()  # no EOS: every request runs to its max_tokens
     args = [(i, Decoding(), k, None) for i, k in enumerate((3, 4, 12, 12, 2, 2, 2, 2))]
     expected = _alone(engine, args)
-    prefills = []
-    forward = opt.llm.forward
-
-    @functools.wraps(forward)
-    def spy(*a, **kw):
-        if kw.get("inputs_embeds") is not None:
-            prefills.append(kw["inputs_embeds"].shape[0])
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(opt.llm, "forward", spy)
+    prefills = _prefills(opt, monkeypatch)
     batcher = ContinuousBatcher(engine, max_batch_rows=4, admit_group=2).start()
     with batcher._cond:  # all queued before the worker takes any
         jobs = [batcher.submit(_job(engine, *a)) for a in args]
