@@ -22,7 +22,9 @@ pytest.importorskip("prometheus_client", reason="the serve extra (prometheus-cli
 import blip2  # noqa: E402
 from blip2.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
 from blip2.serve.continuous import ContinuousBatcher  # noqa: E402
-from blip2.serve.engine import Decoding, Engine  # noqa: E402
+from blip2.generation import GenerationConfig  # noqa: E402
+from blip2.search import GreedySearch, plain_greedy  # noqa: E402
+from blip2.serve.engine import Decoding, Engine, Progress  # noqa: E402
 from blip2.serve.vcache import VisualCache  # noqa: E402
 from hf_models import checkpoint_with_processor as _checkpoint  # noqa: E402
 from test_serve import IMAGES, JSON, QUESTIONS, Client, chat_body  # noqa: E402
@@ -45,6 +47,21 @@ def _slow(model, monkeypatch, seconds=0.004):
         return forward(*a, **kw)
 
     monkeypatch.setattr(model.llm, "forward", slow)
+
+
+def _prefills(model, monkeypatch) -> list[int]:
+    """The rows of every LLM prefill (a forward with inputs_embeds) from now on, appended as they run."""
+    prefills = []
+    forward = model.llm.forward
+
+    @functools.wraps(forward)
+    def spy(*a, **kw):
+        if kw.get("inputs_embeds") is not None:
+            prefills.append(kw["inputs_embeds"].shape[0])
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(model.llm, "forward", spy)
+    return prefills
 
 
 def _job(engine, i, decoding=Decoding(), max_tokens=8, seed=None, text=None):
@@ -120,16 +137,7 @@ def test_requests_starting_together_share_one_prefill(opt, monkeypatch):
     args = [(i, Decoding(), k, None) for i, k in zip(range(4), (5, 9, 3, 7))]
     args.append((1, Decoding(do_sample=True, temperature=0.8), 6, 21))
     expected = _alone(engine, args)
-    prefills = []
-    forward = opt.llm.forward
-
-    @functools.wraps(forward)
-    def spy(*a, **kw):
-        if kw.get("inputs_embeds") is not None:
-            prefills.append(kw["inputs_embeds"].shape[0])
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(opt.llm, "forward", spy)
+    prefills = _prefills(opt, monkeypatch)
     batcher = ContinuousBatcher(engine, max_batch_rows=16).start()
     with batcher._cond:  # the worker cannot take any before all are queued: they are admitted together
         jobs = [batcher.submit(_job(engine, *a)) for a in args]
@@ -159,6 +167,76 @@ def test_finished_requests_leave_and_waiting_ones_join_at_once(opt, monkeypatch)
         assert [j.result["choices"][0]["tokens"] for j in jobs] == [40, 2, 2]
         assert ended[id(jobs[2])] < ended[id(jobs[0])]  # the third joined when the second left
         assert batcher.stats()["largest_batch"] == 2
+    finally:
+        batcher.stop()
+
+
+def test_plain_greedy_rows_share_one_argmax_and_each_equals_alone(opt, monkeypatch):
+    """Plain greedy requests (one row, no logits processing) with different max_tokens and stop conditions
+    (EOS or max_tokens), joining at different steps, next to a sampling request: their tokens come from the
+    step's one argmax over all rows (no per-request search), and each result equals the request alone."""
+    engine = Engine(opt, ServeSettings(model_name="tiny"))
+    seen = []
+    add = Progress.add
+    monkeypatch.setattr(Progress, "add", lambda self, toks, t: (seen.append(toks[0]), add(self, toks, t))[1])
+    _alone(engine, [(0, Decoding(), 12, None)])
+    monkeypatch.setattr(Progress, "add", add)
+    engine.eos = engine.eos | {seen[3]}  # a token request 0 emits early becomes an EOS: some requests stop on it
+    args = [(0, Decoding(), 12, None), (1, Decoding(), 3, None), (2, Decoding(), 16, None),
+            (3, Decoding(), 1, None), (1, Decoding(do_sample=True, temperature=0.9, n=2), 6, 5),
+            (2, Decoding(), 7, None), (0, Decoding(), 9, None)]
+    expected = []
+    for a in args:
+        job = _job(engine, *a)
+        engine.run([job])
+        expected.append(job.result["choices"])
+    reasons = {c["finish_reason"] for choices in expected for c in choices}
+    assert reasons == {"stop", "length"}, expected  # both stop conditions occur
+    searched = []
+    step = GreedySearch.step
+    monkeypatch.setattr(GreedySearch, "step", lambda self, logits: (searched.append(logits.shape[0]),
+                                                                     step(self, logits))[1])
+    _slow(opt, monkeypatch)
+    batcher = ContinuousBatcher(engine, max_batch_rows=16).start()
+    try:
+        jobs = [batcher.submit(_job(engine, *args[0]))]
+        while jobs[0].payload.first_token_at is None:
+            time.sleep(0.002)
+        for a in args[1:]:  # one joins every couple of steps
+            jobs.append(batcher.submit(_job(engine, *a)))
+            time.sleep(0.009)
+        assert all(j.event.wait(60) for j in jobs)
+        assert [j.result["choices"] for j in jobs] == expected
+        assert searched and set(searched) == {2}, searched  # only the sampling request ran its own search
+        assert batcher.stats()["largest_batch"] >= 3
+    finally:
+        batcher.stop()
+
+
+def test_plain_greedy_is_greedy_without_logits_processing():
+    """Requests with a repetition penalty, a minimum length, sampling or beams keep their own search."""
+    assert plain_greedy(GenerationConfig(max_new_tokens=4))
+    for kw in ({"repetition_penalty": 1.3}, {"min_new_tokens": 2}, {"do_sample": True}, {"num_beams": 2}):
+        assert not plain_greedy(GenerationConfig(max_new_tokens=4, **kw)), kw
+
+
+def test_a_full_batch_admits_waiting_requests_in_groups(opt, monkeypatch):
+    """Rows that free up one at a time are refilled admit_group at a time: one encoder / Q-Former pass and one
+    prefill for the group, not one per request; each result still equals the request alone."""
+    engine = Engine(opt, ServeSettings(model_name="tiny"))
+    engine.eos = set()  # no EOS: every request runs to its max_tokens
+    args = [(i, Decoding(), k, None) for i, k in enumerate((3, 4, 12, 12, 2, 2, 2, 2))]
+    expected = _alone(engine, args)
+    prefills = _prefills(opt, monkeypatch)
+    batcher = ContinuousBatcher(engine, max_batch_rows=4, admit_group=2).start()
+    with batcher._cond:  # all queued before the worker takes any
+        jobs = [batcher.submit(_job(engine, *a)) for a in args]
+    try:
+        assert all(j.event.wait(60) for j in jobs)
+        assert [_texts(j) for j in jobs] == expected
+        # the first four together; the 3- and 4-token ones leave one step apart, and the two waiting requests
+        # start together when both rows are free; then the last two, when those leave together
+        assert prefills == [4, 2, 2], prefills
     finally:
         batcher.stop()
 

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BeamSearch", "GreedySearch", "Scores", "make_search", "sample"]
+__all__ = ["BeamSearch", "GreedySearch", "Scores", "make_search", "plain_greedy", "sample"]
 
 NEG = -1.0e9  # transformers' "impossible" beam score; finite so that sums of it stay comparable
 
@@ -238,6 +238,14 @@ class BeamSearch:
         n = self.cfg.num_return_sequences
         length = int(self.fin_lens[:, :n].max())
         return self.fin_tokens[:, :n, :length].reshape(self.B * n, length)
+
+
+def plain_greedy(cfg) -> bool:
+    """Is cfg greedy search whose logits processors change nothing (no repetition penalty, no minimum length)?
+    Its next token is then the argmax of the row's logits, so one argmax over many requests' rows gives each
+    the token its own GreedySearch would (the server's continuous batching takes these rows together)."""
+    return (cfg.num_beams == 1 and not cfg.do_sample and cfg.repetition_penalty == 1.0 and cfg.min_new_tokens == 0
+            and cfg.streamer is None)
 
 
 def make_search(cfg, batch_size: int, eos, pad, history: torch.Tensor, ignore_len: torch.Tensor | None = None,

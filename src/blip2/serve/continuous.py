@@ -12,14 +12,20 @@ Why a request gets the ids it gets alone:
     starting in the same step; its prompt is prefilled with theirs in one left-padded batch (mask, positions
     from the mask: exactly the batch-at-once engine's prefill), or, when it is long or has several rows (beams,
     n samples), alone in chunks of `prefill_chunk` (a lone request is chunked the same way);
-  * its search (blip2.search: greedy, sampling with its own seeded torch.Generator, beam search) runs on its
-    own rows' logits with its own `max_tokens`, so the tokens come from the same ops as alone;
+  * a plain greedy request (one row, no logits processing: blip2.search.plain_greedy; every greedy request
+    of the server, which has no repetition penalty) gets the argmax of its row of the logits: one argmax over
+    all rows per step, read to the host once, which is its own GreedySearch's argmax; every other request's
+    search (sampling with its own seeded torch.Generator, beam search) runs on its own rows' logits with its
+    own `max_tokens`, so the tokens come from the same ops as alone. Sampling stays per request: one
+    multinomial over several requests' rows would draw from one generator, not each request's own;
   * in the batched decode step the requests' KV caches are left-padded to one length and the pads masked out
     (attention mask) while each row keeps its own position ids (= its own length): a masked key adds an exact
     0 to the softmax. What can still differ is the float rounding of a batched matmul vs a single-row one;
     the tests check that the ids are equal (the standard the batch-at-once engine is held to).
 The cache lives in one transformers DynamicCache whose layers' key / value tensors [N, H, W, d] are re-made
 when a request joins (concatenated, padded on the left) or rows leave / beams reorder (one index_select).
+Each row's real length is kept as a Python int (its keys are the last ones of the W columns), so the
+attention mask and the position ids of a step are one comparison and one addition, without reading the device.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import time
 import torch
 
 from ..generation import GenerationConfig, new_dynamic_cache, special_tokens
-from ..search import make_search
+from ..search import make_search, plain_greedy
 from ..processing import pad_ids
 from .batching import Batcher, Job
 from .engine import Engine, Progress, Settled
@@ -56,7 +62,10 @@ def supports_steps(engine: Engine) -> bool:
 
 
 class _Sequence:
-    """One request in the step loop: its rows, search, progress, and (while prefilling) its own cache."""
+    """One request in the step loop: its rows, search, progress, and (while prefilling) its own cache.
+
+    A plain one (one row, greedy, no logits processing: blip2.search.plain_greedy) has no search object: the
+    step takes its token from one argmax over all rows' logits (`take`)."""
 
     def __init__(self, job: Job, engine: Engine, embeds: torch.Tensor):
         p, dec = job.payload, job.key[2]
@@ -71,20 +80,39 @@ class _Sequence:
             gen.update(do_sample=True, temperature=dec.temperature, top_p=dec.top_p, top_k=dec.top_k,
                        generator=torch.Generator(device=embeds.device).manual_seed(p.seed))
         cfg = GenerationConfig(**gen)
-        eos, pad, _ = special_tokens(lm, cfg, False)
-        # the server has no repetition penalty: the search needs no prompt history
-        history = torch.empty(self.rows, 0, dtype=torch.long, device=embeds.device)
-        self.search = make_search(cfg, 1, eos, pad, history)
+        self.plain = self.rows == 1 and plain_greedy(cfg)
+        self.search = None
+        if not self.plain:
+            eos, pad, _ = special_tokens(lm, cfg, False)
+            # the server has no repetition penalty: the search needs no prompt history
+            history = torch.empty(self.rows, 0, dtype=torch.long, device=embeds.device)
+            self.search = make_search(cfg, 1, eos, pad, history)
+        self.t, self.max_tokens = 0, p.max_tokens  # tokens generated so far (plain)
         self.progress = Progress(engine, [job], dec.n)
         self.embeds = embeds.repeat_interleave(self.rows, 0) if self.rows > 1 else embeds  # (rows, L, D)
         self.length = self.embeds.shape[1]
         self.done_prefill = 0
         self.cache = new_dynamic_cache(lm)
-        self.tokens: torch.Tensor | None = None  # the tokens to feed at the next step (rows,)
+        self.tokens: torch.Tensor | None = None  # the tokens to feed at the next step (rows,), until it joins
         self.finished = False
+
+    def take(self, token: int) -> None:
+        """A plain sequence's next token (the argmax of its logits)."""
+        t, self.t = self.t, self.t + 1
+        try:
+            self.progress.add([token], t)  # streams text, answers at EOS / max_tokens
+        except Settled:
+            self.finished = True
+        if self.t >= self.max_tokens and not self.job.settled:  # Progress answers at max_tokens: a safety net
+            self.progress.finish(None)
+        self.finished = self.finished or self.job.settled
 
     def observe(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Pick the next tokens from this request's logits [rows, V]; the rows' reorder (None: keep)."""
+        if self.plain:
+            self.tokens = logits.argmax(-1)
+            self.take(int(self.tokens[0]))
+            return None
         tokens, rows = self.search.step(logits)
         try:
             if self.search.cfg.num_beams == 1:
@@ -104,9 +132,15 @@ class ContinuousBatcher(Batcher):
     Batcher's."""
 
     def __init__(self, engine: Engine, max_batch_rows: int = 8, max_wait_s: float = 0.01, max_pending: int = 64,
-                 max_queue: int | None = None, prefill_chunk: int = 256, visual_cache: VisualCache | None = None):
+                 max_queue: int | None = None, prefill_chunk: int = 256, visual_cache: VisualCache | None = None,
+                 admit_group: int | None = None):
+        """admit_group: a running batch admits queued requests once this many rows are free (or all the queued
+        ones fit); default max_batch_rows // 4 (at least 1)."""
         super().__init__(engine.run, max_batch_rows, max_wait_s, max_pending, max_queue)
         self.engine, self.prefill_chunk = engine, prefill_chunk
+        self.admit_group = max(1, max_batch_rows // 4) if admit_group is None else admit_group
+        if self.admit_group < 1:
+            raise ValueError(f"ContinuousBatcher: admit_group must be >= 1, got {admit_group}")
         self.visual_cache = visual_cache
         self.stepping = supports_steps(engine)
         lm = engine.model.llm
@@ -117,8 +151,12 @@ class ContinuousBatcher(Batcher):
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers' newer name
         self._prefilling: list = []  # jobs waiting for their prefill, then (from its start) _Sequences
         self._running_seqs: list[_Sequence] = []
-        self._cache = None  # DynamicCache of the running rows [N, H, W, d]
-        self._mask = self._pos = None  # [N, W] 1 = real key; [N] position of the next fed token
+        # The running rows: their DynamicCache [N, H, W, d], each row's real length (its keys are the last
+        # `lens[i]` of the W columns, left padding before them), the same [N] on the device (the position of the
+        # next fed token), and the tokens [N] to feed at the next step.
+        self._cache = self._pos = self._next = None
+        self._lens: list[int] = []
+        self._width = 0
         self._steps = 0
         self._rows_stepped = 0  # sum over steps of running rows (batch occupancy)
         self._tokens = collections.deque(maxlen=256)  # (time, tokens) of recent steps (tokens/s)
@@ -163,6 +201,8 @@ class ContinuousBatcher(Batcher):
                         continue
                     return batch, []
                 rows = sum(_rows(s) for s in self._running_seqs + self._prefilling)
+                if busy and self._queue and self.max_batch_rows - rows < self._waiting():
+                    return None, []  # a full batch: admissions wait until a group of them fits
                 admitted = []
                 for job in list(self._queue):
                     if not self._steppable(job):
@@ -179,6 +219,17 @@ class ContinuousBatcher(Batcher):
                     admitted.append(job)
                     rows += need
                 return None, admitted
+
+    def _waiting(self) -> int:
+        """With the lock held: the free rows to wait for before admitting into a running batch, the rows of the
+        steppable jobs at the head of the queue up to `admit_group`. Admitting one request per step would cost
+        each one an encoder / Q-Former pass and a prefill of its own; under load they start in groups."""
+        queued = 0
+        for job in self._queue:
+            if not self._steppable(job) or queued >= self.admit_group:
+                break
+            queued += _rows(job)
+        return min(queued, self.admit_group)
 
     def _loop(self) -> None:
         while (work := self._take()) is not None:
@@ -209,7 +260,8 @@ class ContinuousBatcher(Batcher):
         self._settle(jobs)
         with self._cond:
             self._running_seqs, self._prefilling = [], []
-            self._cache = self._mask = self._pos = None
+            self._cache = self._pos = self._next = None
+            self._lens, self._width = [], 0
 
     def _settle(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -315,8 +367,7 @@ class ContinuousBatcher(Batcher):
                 if seq.finished:
                     self._settle([seq.job])
                 else:
-                    mask = torch.ones(seq.rows, seq.length, dtype=torch.long, device=seq.tokens.device)
-                    self._join([seq], seq.cache, mask)
+                    self._join([seq], seq.cache, [seq.length] * seq.rows, seq.length)
 
     def _prefill_group(self, group: list[_Sequence]) -> None:
         """One prefill for several one-row prompts, left-padded with masks and mask-derived positions exactly as
@@ -334,10 +385,16 @@ class ContinuousBatcher(Batcher):
                     **kw).logits[:, -1].float()  # (G, V)
         with self._cond:
             del self._prefilling[: len(group)]
+        greedy = logits.argmax(-1)  # (G,) the plain sequences' first tokens
+        first = greedy.tolist()
         keep = []
         for i, s in enumerate(group):
             s.embeds = None
-            s.observe(logits[i:i + 1])  # one row: no reorder
+            if s.plain:
+                s.tokens = greedy[i:i + 1]
+                s.take(first[i])
+            else:
+                s.observe(logits[i:i + 1])  # one row: no reorder
             if s.finished:
                 self._settle([s.job])
             else:
@@ -345,75 +402,95 @@ class ContinuousBatcher(Batcher):
         if not keep:
             return
         if len(keep) < len(group):
-            index = torch.tensor(keep, device=embeds.device)
-            cache.reorder_cache(index)
-            mask = mask[index]
-        self._join([group[i] for i in keep], cache, mask)
+            cache.reorder_cache(torch.tensor(keep, device=embeds.device))
+        self._join([group[i] for i in keep], cache, [group[i].length for i in keep], W)
 
     def _drop_prefilling(self, seq: _Sequence) -> None:
         with self._cond:
             self._prefilling.remove(seq)
         self._settle([seq.job])
 
-    def _join(self, seqs: list[_Sequence], cache, mask: torch.Tensor) -> None:
-        """Add prefilled sequences, their cache [rows, H, L, d] and mask [rows, L], to the running batch,
-        left-padding the narrower of the two."""
-        pos = mask.sum(1)  # (rows,) each row's real length: the position of its next token
+    def _join(self, seqs: list[_Sequence], cache, lens: list[int], width: int) -> None:
+        """Add prefilled sequences, their cache [rows, H, width, d] (row i's real keys: its last lens[i]) and
+        their next tokens, to the running batch, left-padding the narrower of the two."""
+        tokens = torch.cat([s.tokens for s in seqs])  # (rows,)
+        pos = torch.tensor(lens, device=tokens.device)
         if self._cache is None:
-            self._cache, self._mask, self._pos = cache, mask, pos
+            self._cache, self._pos, self._next, self._lens, self._width = cache, pos, tokens, list(lens), width
         else:
-            width = max(self._mask.shape[1], mask.shape[1])
+            w = max(self._width, width)
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], 0)
-                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], 0)
-            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
-            self._pos = torch.cat([self._pos, pos])
+                mine.keys = torch.cat([_left_pad(mine.keys, w), _left_pad(theirs.keys, w)], 0)
+                mine.values = torch.cat([_left_pad(mine.values, w), _left_pad(theirs.values, w)], 0)
+            self._pos, self._next = torch.cat([self._pos, pos]), torch.cat([self._next, tokens])
+            self._lens, self._width = self._lens + list(lens), w
         for seq in seqs:
-            seq.cache = None
+            seq.cache = seq.tokens = None
         with self._cond:
             self._running_seqs.extend(seqs)
 
     def _step(self) -> None:
-        """One decode step for every running sequence; finished ones leave, beams reorder."""
+        """One decode step for every running sequence: one forward, one argmax over all rows (the plain
+        sequences' tokens, read with one host copy), each other sequence's own search on its rows; finished
+        ones leave, beams reorder."""
         seqs = self._running_seqs
         if not seqs:
             return
-        tokens = torch.cat([s.tokens for s in seqs])  # (N,)
-        mask = torch.cat([self._mask, self._mask.new_ones(len(tokens), 1)], 1)  # (N, W + 1)
+        W, n = self._width, len(self._lens)
         kw = {**self._kw, "position_ids": self._pos[:, None], self._cache_arg: self._cache}
-        # transformers drops an all-ones mask (no padding): so does a lone run
-        attn = None if bool(mask.all()) else mask
-        logits = self.engine.model.llm(input_ids=tokens[:, None], attention_mask=attn, **kw).logits[:, -1].float()
-        self._mask, self._pos = mask, self._pos + 1
-        keep, start, kept, done = [], 0, [], []
+        attn = None  # transformers drops an all-ones mask (no padding): so does a lone run
+        if min(self._lens) < W:  # row i: W - lens[i] pad keys, then its own (and the fed token)
+            cols = torch.arange(W + 1, device=self._pos.device)
+            attn = (cols[None] >= (W - self._pos)[:, None]).long()  # (N, W + 1)
+        logits = self.engine.model.llm(input_ids=self._next[:, None], attention_mask=attn, **kw).logits[:, -1].float()
+        greedy = logits.argmax(-1)  # (N,)
+        tokens = greedy.tolist()
+        self._pos, self._lens, self._width = self._pos + 1, [k + 1 for k in self._lens], W + 1
+        index, kept, done, own = [], [], [], []  # own: (new row, sequence) whose tokens come from its search
+        start = 0
         for s in seqs:
-            rows = s.observe(logits[start:start + s.rows]) if not s.job.settled else None
-            if s.job.settled or s.finished:
+            if s.job.settled:
                 done.append(s)
+            elif s.plain:
+                s.take(tokens[start])
+                if s.finished:
+                    done.append(s)
+                else:
+                    index.append(start)
+                    kept.append(s)
             else:
-                keep.append(start + (rows if rows is not None else torch.arange(s.rows, device=logits.device)))
-                kept.append(s)
+                rows = s.observe(logits[start:start + s.rows])
+                if s.job.settled or s.finished:
+                    done.append(s)
+                else:
+                    own.append((len(index), s))
+                    index.extend(range(start, start + s.rows) if rows is None else (rows + start).tolist())
+                    kept.append(s)
             start += s.rows
         with self._cond:
             self._steps += 1
-            self._rows_stepped += len(tokens)
+            self._rows_stepped += n
             self._batch_sizes[len(seqs)] += 1
-            self._tokens.append((time.monotonic(), len(tokens)))
+            self._tokens.append((time.monotonic(), n))
             self._running_seqs = kept
         self._settle([s.job for s in done])
         if not kept:
-            self._cache = self._mask = self._pos = None
+            self._cache = self._pos = self._next = None
+            self._lens, self._width = [], 0
             return
-        index = torch.cat(keep)
-        if len(index) != len(tokens) or not torch.equal(index, torch.arange(len(tokens), device=index.device)):
-            self._cache.reorder_cache(index)
-            self._mask, self._pos = self._mask[index], self._pos[index]
-        real = self._mask.any(0)
-        first = int(real.int().argmax())  # leading key columns that are padding in every row can go
+        if index != list(range(n)):  # rows left, or beams reordered
+            rows = torch.tensor(index, device=greedy.device)
+            self._cache.reorder_cache(rows)
+            self._pos, self._lens, greedy = self._pos[rows], [self._lens[i] for i in index], greedy[rows]
+        for at, s in own:
+            greedy[at:at + s.rows] = s.tokens
+            s.tokens = None
+        self._next = greedy
+        first = self._width - max(self._lens)  # leading key columns that are padding in every row can go
         if first > 0:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self._mask = self._mask[:, first:]
+            self._width -= first
 
 
 def _rows(item) -> int:

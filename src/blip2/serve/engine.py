@@ -325,7 +325,10 @@ class Progress:
 
     def step(self, tokens: torch.Tensor, t: int) -> None:
         """GenerationConfig.streamer: tokens [B * n] of step t."""
-        toks = tokens.tolist()
+        self.add(tokens.tolist(), t)
+
+    def add(self, toks: list[int], t: int) -> None:
+        """The tokens [B * n] of step t, as ints (the continuous batcher reads one step's tokens at once)."""
         if t == 0:
             now = time.monotonic()
             for job in self.jobs:
