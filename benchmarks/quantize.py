@@ -3,11 +3,12 @@ a streamed int8 load of a >= 1B-parameter checkpoint.
 
 1. Decode latency (ms per new token, greedy; the difference of two generation lengths, so the prefill cancels)
    at batch 1 and 8 for a medium random LLaMA (220M parameters) and for the quickstart's trained InstructBLIP
-   (SmolLM2-135M): fp32, `int8` (PyTorch's dynamic int8, the default) and, for the medium model,
-   `int8-weight-only` (torchao). Timings are interleaved and the best of `--repeats` is kept (a shared machine).
+   (SmolLM2-135M): fp32 and each of `--schemes` (default `int8`: per-token int8 with calibrated smoothing;
+   `int8-dynamic`: PyTorch's dynamic int8; `int8-weight-only`: torchao). Timings are interleaved and the best
+   of `--repeats` is kept (a shared machine).
 2. The quickstart's held-out VQA questions (runs/quickstart/eval/vqa_test.json: test scenes, 60 per family),
-   answered greedily by the fp32 and the int8 model: agreement of the answers and the accuracy of each (the
-   `blip2 eval` scorer).
+   answered greedily by the fp32 model and each scheme's: agreement of the answers and the accuracy of each
+   (the `blip2 eval` scorer).
 3. Peak resident memory (VmHWM, each load in its own process) of `blip2.load` of a random 1.0B-parameter
    InstructBLIP-shaped checkpoint (LLaMA LLM, 1 GB shards, written to a temporary directory and deleted):
    fp32 vs `quantize="int8"` (streamed). (ru_maxrss would not do: a child inherits its parent's.)
@@ -97,27 +98,33 @@ def latency_table(name: str, models: dict, repeats: int, images=None) -> dict:
     return out
 
 
-def vqa_agreement(fp32, int8, quickstart: Path, work: Path) -> dict:
-    """Greedy answers of both models on the quickstart's held-out VQA questions, scored by `blip2 eval`'s code."""
+def vqa_agreement(models: dict, quickstart: Path, work: Path) -> dict:
+    """Greedy answers of each model ("fp32" and schemes) on the quickstart's held-out VQA questions, scored by
+    `blip2 eval`'s code; agreement and accuracy change of each scheme against fp32."""
     from blip2.evaluation import evaluate
     from blip2.processing import VQA_TEMPLATE
 
     world, data = quickstart / "world", quickstart / "eval" / "vqa_test.json"  # what the quickstart evaluated
     gen = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 1}  # the quickstart's VQA decoding
     res, answers = {}, {}
-    for name, model in (("fp32", fp32), ("int8", int8)):
+    for name, model in models.items():
         t = time.perf_counter()
         rep = evaluate("vqa", model, str(data), images=str(world), output=str(work / name), generation=gen,
                        template=VQA_TEMPLATE, progress=False)
         res[name] = {"accuracy": round(rep["metrics"]["accuracy"], 2), "seconds": round(time.perf_counter() - t, 1)}
         preds = json.loads((work / name / "predictions.json").read_text())
         answers[name] = {p["question_id"]: p["answer"] for p in preds}
-    same = sum(answers["fp32"][k] == answers["int8"].get(k) for k in answers["fp32"])
-    out = {"questions": len(answers["fp32"]), "agreement_pct": round(100 * same / len(answers["fp32"]), 1),
-           "accuracy_fp32": res["fp32"]["accuracy"], "accuracy_int8": res["int8"]["accuracy"],
-           "accuracy_change": round(res["int8"]["accuracy"] - res["fp32"]["accuracy"], 2), "seconds": res}
-    print(f"quickstart VQA ({out['questions']} held-out questions): agreement {out['agreement_pct']} %, accuracy "
-          f"fp32 {out['accuracy_fp32']} -> int8 {out['accuracy_int8']}", flush=True)
+    ref = answers["fp32"]
+    out = {"questions": len(ref), "accuracy_fp32": res["fp32"]["accuracy"], "seconds": res}
+    for name in answers:
+        if name == "fp32":
+            continue
+        same = sum(ref[k] == answers[name].get(k) for k in ref)
+        out[name] = {"agreement_pct": round(100 * same / len(ref), 1), "accuracy": res[name]["accuracy"],
+                     "accuracy_change": round(res[name]["accuracy"] - res["fp32"]["accuracy"], 2)}
+        print(f"quickstart VQA ({len(ref)} held-out questions): {name} agrees with fp32 on "
+              f"{out[name]['agreement_pct']} %, accuracy fp32 {out['accuracy_fp32']} -> {name} "
+              f"{out[name]['accuracy']}", flush=True)
     return out
 
 
@@ -183,6 +190,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--schemes", nargs="+", default=["int8", "int8-dynamic"],
+                    help="quantisation schemes compared with fp32 (the medium model adds int8-weight-only)")
     a = ap.parse_args()
     torch.manual_seed(0)
     result = {"threads": torch.get_num_threads(), "targets": {"decode_speedup_batch1": 1.8, "agreement_pct": 95,
@@ -191,19 +200,20 @@ def main() -> None:
         work = Path(tmp)
         if "medium" in a.parts:
             _save_random(MEDIUM, work / "medium")
-            medium = {"fp32": blip2.load(work / "medium"), "int8": blip2.load(work / "medium", quantize="int8"),
-                      "int8-weight-only": blip2.load(work / "medium", quantize="int8-weight-only")}
+            medium = {"fp32": blip2.load(work / "medium")}
+            for scheme in dict.fromkeys([*a.schemes, "int8-weight-only"]):
+                medium[scheme] = blip2.load(work / "medium", quantize=scheme)
             result["medium"] = latency_table("medium LLaMA (220M)", medium, a.repeats)
             del medium
         model_dir = a.quickstart / "instruct"
         if "quickstart" not in a.parts:
             pass
         elif (model_dir / "model" / "config.json").is_file():
-            qs = {"fp32": blip2.load(model_dir), "int8": blip2.load(model_dir, quantize="int8")}
+            qs = {"fp32": blip2.load(model_dir), **{s: blip2.load(model_dir, quantize=s) for s in a.schemes}}
             images = sorted((a.quickstart / "world" / "images" / "test").glob("*.png"))[:8]
             result["quickstart"] = latency_table("quickstart InstructBLIP (SmolLM2-135M)", qs, a.repeats,
                                                  images=[str(p) for p in images])
-            result["quickstart_vqa"] = vqa_agreement(qs["fp32"], qs["int8"], a.quickstart, work)
+            result["quickstart_vqa"] = vqa_agreement(qs, a.quickstart, work)
             del qs
         else:
             print(f"{model_dir}: no finished quickstart run; its figures are skipped", flush=True)

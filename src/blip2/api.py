@@ -26,7 +26,7 @@ from .lavis_load import fill_from_lavis, read_lavis_checkpoint
 from .lora import load_adapters
 from .model import Blip2Model
 from .processing import ImageProcessor, Processor
-from .quantize import QuantizeError, check_scheme, quantize_llm, quantize_ready
+from .quantize import QuantizeError, check_scheme, quantize_llm, quantize_ready, smooth_int8
 from .stage1 import add_decoder_token, stage1_config
 
 __version__ = "0.1.0"
@@ -92,8 +92,8 @@ def load_quantized(directory: str | Path, scheme: str, dtype: torch.dtype | None
         raise QuantizeError("streaming quantised loading needs accelerate: pip install 'blip2[quantize]'") from None
     d = Path(directory)
     name = check_scheme(scheme, device)
-    if name == "int8" and dtype not in (None, torch.float32):
-        raise QuantizeError(f"quantize=int8 runs in fp32 (PyTorch's int8 kernels take fp32 activations); drop "
+    if name in ("int8", "int8-dynamic") and dtype not in (None, torch.float32):
+        raise QuantizeError(f"quantize={name} runs in fp32 (its int8 kernels take fp32 activations); drop "
                             f"dtype={dtype} or use a bitsandbytes scheme on CUDA")
     cfg = read_config(d)
     if cfg.llm is None:
@@ -116,9 +116,26 @@ def load_quantized(directory: str | Path, scheme: str, dtype: torch.dtype | None
     model.llm.requires_grad_(False)
     model.quantized = name
     model.processor = Processor.from_dir(d)
+    if name == "int8":  # calibrated on the model as it is, then smoothed from the file's weights (read again)
+        smooth_int8(model.eval(), _llm_weights(model, d, cfg.architecture, aliases))
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _llm_weights(model, directory: Path, architecture: str, aliases: dict):
+    """(name in model.llm, full-precision weight) of every LLM weight of a checkpoint, streamed again; a
+    weight the file leaves to a tied tensor (an output head tied to the embeddings) is that tensor."""
+    seen = set()
+    for key, tensor in iter_weights(directory):
+        for k, v in hf_to_ours({key: tensor}, architecture)[0].items():
+            if k.startswith("llm.") and k.endswith(".weight"):
+                seen.add(k)
+                yield k[len("llm."):-len(".weight")], v.float()
+    for k, names in aliases.items():
+        tied = [a for a in names if a in seen]
+        if k.startswith("llm.") and k.endswith(".weight") and k not in seen and tied:
+            yield k[len("llm."):-len(".weight")], model.get_parameter(tied[0])
 
 
 def _place(model, name: str, value: torch.Tensor, aliases: dict, given: set, dtype: torch.dtype, source: str):

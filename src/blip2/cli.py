@@ -242,8 +242,8 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--quantize", choices=list(SCHEMES), default=None,
-                   help="quantise the LLM's linear layers while loading: int8 (CPU), bnb-int8 / bnb-nf4 (CUDA), "
-                        "int8-weight-only / int4 (torchao)")
+                   help="quantise the LLM's linear layers while loading: int8 / int8-dynamic (CPU), "
+                        "bnb-int8 / bnb-nf4 (CUDA), int8-weight-only / int4 (torchao)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (a run's adapter/) merged at load")
 
 

@@ -5,10 +5,13 @@
     quantize_ready(module, scheme)             only the linear layers whose weights are all loaded (streaming)
 
 Schemes:
-- `int8` (CPU): int8 weights with per-row scales, the activations quantised (one scale per call) at run
-  time, through PyTorch's own dynamic quantisation (`torch.ao.quantization`, fbgemm / onednn int8 GEMM kernels).
-  About 2x fp32 in decoding here, torchao's weight-only int8 0.5x; but the one activation scale per call loses
-  accuracy on LLMs with outlier activations (SmolLM2: README, benchmarks/quantize.py).
+- `int8` (CPU): int8 weights (a scale per output row) x int8 activations (a scale per token), SmoothQuant-style
+  smoothing of the activations' outlier channels calibrated on a few generic prompts, on `torch._int_mm`
+  (`blip2.int8`). The calibration runs the model once it is quantised without smoothing; the layers are then
+  quantised again, smoothed, from the full-precision weights (a streamed load reads the checkpoint twice).
+- `int8-dynamic` (CPU): PyTorch's own dynamic quantisation (`torch.ao.quantization`, fbgemm / onednn): one
+  activation scale per call, which loses accuracy on LLMs with outlier activations (SmolLM2: README,
+  benchmarks/quantize.py); kept for comparison.
 - `int8-weight-only` (CPU or CUDA): torchao's `Int8WeightOnlyConfig` (int8 weights, fp32 activations).
 - `int4` (CPU or CUDA): torchao's int4 weight-only where its kernels exist for the device (checked by a probe).
 - `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes `Linear8bitLt` / `Linear4bit` (NF4, bf16 compute), quantised when
@@ -24,10 +27,13 @@ import torch
 import torch.nn as nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-SCHEMES = ("int8", "int8-weight-only", "int4", "bnb-int8", "bnb-nf4")
+from .int8 import Int8Linear, calibrate
+
+SCHEMES = ("int8", "int8-dynamic", "int8-weight-only", "int4", "bnb-int8", "bnb-nf4")
 _ALIASES = {"nf4": "bnb-nf4", "int8-wo": "int8-weight-only", "bnb-4bit": "bnb-nf4", "bnb-8bit": "bnb-int8"}
 _CUDA_ONLY = ("bnb-int8", "bnb-nf4")
-_CPU_ALTERNATIVE = "on CPU use quantize='int8' (PyTorch's int8 kernels)"
+_CPU_ALTERNATIVE = "on CPU use quantize='int8'"
+_CPU_ONLY = ("int8", "int8-dynamic")
 
 
 class QuantizeError(ValueError):
@@ -42,8 +48,8 @@ def check_scheme(scheme: str, device=None) -> str:
     cuda = torch.device(device).type == "cuda" if device is not None else False
     if name in _CUDA_ONLY and not (cuda and torch.cuda.is_available()):
         raise QuantizeError(f"quantize={scheme}: bitsandbytes needs a CUDA GPU (device='cuda'); {_CPU_ALTERNATIVE}")
-    if name == "int8" and cuda:
-        raise QuantizeError(f"quantize=int8 is PyTorch's CPU int8 kernel; on CUDA use 'bnb-int8' or 'bnb-nf4'")
+    if name in _CPU_ONLY and cuda:
+        raise QuantizeError(f"quantize={name} runs on CPU int8 kernels; on CUDA use 'bnb-int8' or 'bnb-nf4'")
     if name == "int4" and not int4_available("cuda" if cuda else "cpu"):
         raise QuantizeError(f"quantize=int4: torchao has no int4 weight-only kernel for this "
                             f"{'GPU' if cuda else 'CPU'} in the installed torch / torchao; "
@@ -77,9 +83,12 @@ def _torchao_quantize(module: nn.Module, scheme: str) -> None:
     quantize_(module, Int8WeightOnlyConfig() if scheme == "int8-weight-only" else Int4WeightOnlyConfig())
 
 
-def quantize_linear(linear: nn.Linear, scheme: str) -> nn.Module:
-    """A quantised replacement for one `nn.Linear` (its weights copied, not shared)."""
+def quantize_linear(linear: nn.Linear, scheme: str, act_max: torch.Tensor | None = None) -> nn.Module:
+    """A quantised replacement for one `nn.Linear` (its weights copied, not shared); `act_max`: the `int8`
+    scheme's calibrated max |x| per input channel (None: no smoothing)."""
     if scheme == "int8":
+        return Int8Linear.from_float(linear, act_max)
+    if scheme == "int8-dynamic":
         linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # a scale per output row
         return DynamicInt8Linear.from_float(linear)
     if scheme in ("int8-weight-only", "int4"):
@@ -139,9 +148,30 @@ def quantize_llm(model, scheme: str, device=None) -> None:
     if model.llm is None:
         raise QuantizeError("quantize: the model has no LLM (a retrieval / stage-1 model); nothing to quantise")
     name = check_scheme(scheme, device)
+    weights = [(n, m.weight) for n, m in model.llm.named_modules() if isinstance(m, nn.Linear)]
     quantize_ready(model.llm, name, device=device)
+    if name == "int8":
+        smooth_int8(model, weights)
     model.llm.requires_grad_(False)
     model.quantized = name
+
+
+def smooth_int8(model, weights) -> int:
+    """The `int8` scheme's second step: calibrate `model` (its LLM layers quantised per token, not smoothed
+    yet: `blip2.int8.calibrate`), then quantise every such layer again, smoothed, from its full-precision
+    weight. `weights`: (name in model.llm, weight) pairs (names of other modules are passed over), e.g. read
+    from the checkpoint a second time. Returns how many layers were smoothed."""
+    stats = calibrate(model)
+    smoothed = 0
+    for name, weight in weights:
+        layer = model.llm.get_submodule(name)
+        if not isinstance(layer, Int8Linear) or layer.inv_smooth is not None:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.llm.get_submodule(parent_name) if parent_name else model.llm
+        setattr(parent, attr, Int8Linear.from_weight(weight, layer.bias, stats[name]))
+        smoothed += 1
+    return smoothed
 
 
 def dequantize_llm(model) -> int:
