@@ -432,7 +432,8 @@ def markdown_report(report: dict) -> str:
 def evaluate(task: str, model, data: str | Sequence[str], images: str | None = None, output: str | None = None,
              batch_size: int = 16, generation: dict | None = None, prompt: str | None = None,
              template: str | None = None, k: int = 128, reduce: str = "sum", normalize_answers: bool = False,
-             clean_questions: bool = True, limit: int | None = None, progress: bool = True, model_name: str | None = None) -> dict | None:
+             clean_questions: bool = True, limit: int | None = None, progress: bool = True,
+             model_name: str | None = None) -> dict | None:
     """Run one benchmark end to end. Process 0 returns the report that metrics.json holds: {"task", "model",
     "data", "processes", "items", "evaluated", "skipped" (a count), "skipped_items" ({"index", "id", "image",
     "reason"}), "metrics", "generation", "notes", "seconds"} and, with `output`, writes predictions.json (before
@@ -440,11 +441,11 @@ def evaluate(task: str, model, data: str | Sequence[str], images: str | None = N
 
     images: the folder image names are relative to (default: the annotation file's). generation: overrides of
     generation_defaults. prompt: caption prompt (e.g. "a photo of"); template: VQA / choice question template.
-    k: retrieval re-ranking depth. reduce: choice ranking by the "sum" (the original's, LAVIS `_predict_class`) or
-    the "mean" token log-probability (both are reported). normalize_answers: normalise VQA human answers fully
-    (raw answers), not only as the official tool does. clean_questions: VQA questions lower-cased with `. ! " ( ) * # : ;
-    ~` removed (`pre_question`), as the original's eval text processor (`blip_question`) and our VQA training data; the
-    predictions keep the question as written. limit: first N entries.
+    k: retrieval re-ranking depth. reduce: choice ranking by the "sum" (the original's, LAVIS `_predict_class`)
+    or the "mean" token log-probability (both are reported). normalize_answers: normalise VQA human answers
+    fully (raw answers), not only as the official tool does. clean_questions: VQA questions lower-cased with
+    `. ! " ( ) * # : ; ~` removed (`pre_question`), as the original's eval text processor (`blip_question`) and
+    our VQA training data; the predictions keep the question as written. limit: first N entries.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")

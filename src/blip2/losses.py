@@ -27,16 +27,17 @@ def same_text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
 
 def pair_positives(image_ids: torch.Tensor | None, input_ids: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[N, N] bool over a (global) batch of N (image, text) pairs: pair i's image matches pair j's text when
     they share an image id (the original's `image_id` masking, LAVIS blip2_qformer.Blip2Qformer.forward) or
     when the two texts are token-identical. A caption that two pictures share describes both, so it must be
     neither a contrastive negative nor a hard negative for either (templated captions repeat often: "an orange
     triangle" for dozens of pictures). A row left without any negative keeps only its same-image positives.
     Without image ids each pair is its own image (the diagonal)."""
+    if image_ids is None and input_ids is None:
+        raise ValueError("pair_positives needs image ids or texts")
     if image_ids is None:
-        device = input_ids.device if input_ids is not None else None
-        same_image = torch.eye(n if n is not None else input_ids.shape[0], dtype=torch.bool, device=device)
+        same_image = torch.eye(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     else:
         same_image = image_ids[:, None] == image_ids[None, :]
     if input_ids is None:
@@ -53,7 +54,8 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Te
 
     image_feats [B, Q, D] and text_feats [B, D] (normalised, this rank's); features of all ranks are gathered
     with gradient. Targets: this rank's diagonal (rank*B + arange(B)), or, when `positive` [B, W*B] (this
-    rank's rows of `pair_positives`) is given, its normalised indicator. Cross-entropy with label smoothing 0.1, mean of both directions.
+    rank's rows of `pair_positives`) is given, its normalised indicator. Cross-entropy with label smoothing
+    0.1, mean of both directions.
     Returns (loss, sim_i2t [B, W*B], sim_t2i [B, W*B]) with the similarities divided by `temp`.
     """
     B = image_feats.shape[0]
