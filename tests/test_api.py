@@ -167,3 +167,13 @@ def test_cli_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("caption", "ask", "instruct", "info", "demo"):
         assert cmd in r.stdout
+
+
+def test_a_retrieval_checkpoint_has_no_generation_defaults_and_says_why_it_cannot_answer(tmp_path):
+    from hf_models import retrieval_hf
+
+    retrieval_hf().save_pretrained(tmp_path / "itm")
+    model = blip2.load(tmp_path / "itm")
+    assert model.generation_defaults("answer") == {}
+    with pytest.raises(ValueError, match="no language model"):
+        model.generate(torch.zeros(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size))

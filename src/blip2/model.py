@@ -350,7 +350,10 @@ class Blip2Model(nn.Module):
         """The settings `caption` / `answer` / `instruct` (kind) use where their keyword arguments are silent: the
         original implementation's for this architecture and LLM family (blip2.protocols.original_generation; e.g.
         InstructBLIP: 5 beams, up to 256 new tokens, repetition penalty 1.5). Keyword arguments override them;
-        `do_sample=True` without `num_beams` samples one sequence (the original would beam-sample)."""
+        `do_sample=True` without `num_beams` samples one sequence (the original would beam-sample). A model
+        without an LLM (a retrieval checkpoint) has none."""
+        if self.llm is None:
+            return {}
         return original_generation(self.cfg, kind)
 
     def _with_defaults(self, kind: str, generation: dict) -> dict:
