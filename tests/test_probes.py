@@ -11,8 +11,12 @@ import blip2
 from blip2.data import shapes
 from blip2.data.shapes import Obj, Scene
 from blip2.data.world import write_world
-from blip2.quickstart.probes import (LABELS, chance_accuracy, encoder_features, exact_set_accuracy, linear_probe,
-                                     pixel_features, probe_report, probe_table, query_features, scene_labels)
+from blip2.processing import pre_question
+from blip2.quickstart import probes
+from blip2.quickstart.probes import (LABELS, answer_probe_report, answer_probe_table, chance_accuracy,
+                                     encoder_features, exact_set_accuracy, linear_probe, pixel_features,
+                                     probe_report, probe_table, query_features, question_query_features,
+                                     scene_labels)
 from fixtures import make_bert_tokenizer
 from hf_models import NUM_QUERY, QFORMER, VISION, checkpoint_with_processor, retrieval_hf
 
@@ -181,3 +185,72 @@ def test_probe_report_end_to_end(models, tmp_path):
     lines = probe_table(report)
     assert lines[0] == "| representation | colours | shapes | pairs | count |"
     assert lines[2].startswith("| chance") and any(line.startswith("| final queries |") for line in lines)
+
+
+# -------------------------------------------------------------------------------------------- answer probes
+def test_question_query_features_give_each_row_its_own_question(models, tmp_path):
+    final = blip2.load(models["final"])
+    world = tmp_path / "world"
+    write_world(world, n_train=8, n_val=2, n_test=4)
+    image = str(world / "images" / "train" / "000000.png")
+    questions = ["What color is the square?", "How many objects are there?", "What color is the square?"]
+    got = question_query_features(final, [image] * 3, questions, batch_size=2)
+    assert got.shape == (3, NUM_QUERY * QFORMER["hidden_size"])
+    torch.testing.assert_close(got[0], got[2])  # same image, same question, across batches
+    assert not torch.allclose(got[0], got[1])  # the question enters the Q-Former
+    for i, q in enumerate(questions[:2]):  # exactly the queries model.answer's prompt gives them
+        text = f"Question: {pre_question(q)} Short answer:"
+        torch.testing.assert_close(got[i], query_features(final, final.pixel_values([image]), text)[0])
+    with pytest.raises(ValueError, match="InstructBLIP"):
+        question_query_features(blip2.load(models["stage 1"]), [image], questions[:1])
+    with pytest.raises(ValueError, match="2 images but 1 questions"):
+        question_query_features(final, [image, image], questions[:1])
+
+
+def _answer_lookup(world):
+    import json
+
+    table = {}
+    for path in (world / "vqa").glob("*.json"):
+        for r in json.loads(path.read_text()):
+            table[(str(world / r["image"]), r["question"])] = r["answer"][0]
+    return table
+
+
+def test_answer_probe_pairs_each_question_with_its_answer(models, tmp_path, monkeypatch):
+    """With features that carry the answer by construction (looked up from the world's files by image and
+    question), the probe must reach 100 %; with noise, about the majority answer. A row paired with another
+    row's answer would fail the first."""
+    import json
+
+    world = tmp_path / "world"
+    write_world(world, n_train=60, n_val=4, n_test=30)
+    lookup = _answer_lookup(world)
+    vocab = sorted(set(lookup.values()))
+    test = [r for fam in ("colour", "count") for r in json.loads((world / "vqa" / f"test_{fam}.json").read_text())]
+
+    def planted(model, images, questions, **_):
+        return torch.tensor([[4.0 * (a == lookup[(img, q)]) for a in vocab] for img, q in zip(images, questions)])
+
+    monkeypatch.setattr(probes, "question_query_features", planted)
+    report = answer_probe_report(world, models["final"], test, ["colour", "count"], max_train=10**6, max_iter=50)
+    assert set(report) == {"families", "max_train", "seconds"} and list(report["families"]) == ["colour", "count"]
+    for fam, row in report["families"].items():
+        answers = [r["answer"][0] for r in test if r["question_type"] == fam]
+        train = [r["answer"][0] for r in json.loads((world / "vqa" / f"train_{fam}.json").read_text())]
+        assert (row["n_train"], row["n_test"]) == (len(train), len(answers))
+        assert row["probe"] == 100.0, (fam, row)
+        top = max(sorted(set(train)), key=train.count)  # the most frequent training answer (first on ties)
+        assert row["majority"] == round(100.0 * answers.count(top) / len(answers), 1)
+    sampled = answer_probe_report(world, models["final"], test, ["count"], max_train=20)["families"]["count"]
+    assert sampled["n_train"] == 20
+
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(probes, "question_query_features", lambda model, images, questions, **_:
+                        torch.randn(len(images), 32, generator=g))
+    noise = answer_probe_report(world, models["final"], test, ["count"], max_train=10**6, max_iter=50)["families"]
+    assert abs(noise["count"]["probe"] - noise["count"]["majority"]) <= 25.0, noise
+    lines = answer_probe_table(report, {"colour": 55.0})
+    assert lines[2].startswith("| colour | 100.0 | 55.0 |") and lines[3].startswith("| count | 100.0 | n/a |")
+    with pytest.raises(ValueError, match="family 'shape'"):
+        answer_probe_report(world, models["final"], test, ["shape"], max_train=50)

@@ -81,7 +81,10 @@ def test_report_has_every_section(smoke):
         assert d["optimizer_steps"] in (3, 4) and d["samples"] == d["optimizer_steps"] * d["batch_size"]
         assert d["s_per_step"] > 0
     assert rep["machine"]["matmul_gflops"] > 0 and rep["machine"]["torch_threads"] >= 1
-    assert set(rep["probes"]) >= {"labels", "n_train", "n_test", "chance", "rows", "seconds"}
+    assert set(rep["probes"]) >= {"labels", "n_train", "n_test", "chance", "rows", "seconds", "answers"}
+    answers = rep["probes"]["answers"]["families"]  # the held-in VQA families, on the evaluation's questions
+    assert list(answers) == [f for f in shapes.FAMILIES if f in shapes.HELD_IN]
+    assert all(a["n_test"] == rep["vqa"]["held_in"]["n"][f] and 0 <= a["probe"] <= 100 for f, a in answers.items())
     names = {t["name"] for t in rep["targets"]}
     assert len(names) == 7 and all(isinstance(t["met"], bool) for t in rep["targets"])
     assert any("most frequent caption" in n for n in names) and any("above chance" in n for n in names)
@@ -91,6 +94,7 @@ def test_report_has_every_section(smoke):
     md = (out / "report.md").read_text()
     assert "## Targets" in md and "![](gallery.png)" in md and "![](loss_curves.png)" in md
     assert "## Linear probes (held-out scenes)" in md and "GFLOP/s" in md and "blip2 quickstart" in md
+    assert "| family | probe on the queries given the question | the model's answers |" in md
     assert ("val_curves" in rep["files"]) == bool(rep["validation"]) == (out / "val_curves.png").exists()
     for png in ("loss_curves.png", "gallery.png"):
         with Image.open(out / png) as im:

@@ -139,6 +139,23 @@ def test_markdown_steps_that_did_not_run():
     assert "![](" not in md
 
 
+def test_markdown_answer_probes_beside_the_model_answers():
+    report = _sample()
+    report["probes"]["answers"] = {"max_train": 1500, "seconds": 9.0, "families": {
+        "colour": {"probe": 64.0, "majority": 10.3, "n_train": 1500, "n_test": 60},
+        "count": {"probe": 72.25, "majority": 36.5, "n_train": 1500, "n_test": 60}}}
+    md = markdown(report)
+    section = md[md.index("Answer probes"):md.index("## Ablations")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["family", "probe on the queries given the question", "the model's answers", "majority answer",
+                       "questions"]
+    # the model's column is the VQA table's held-in accuracy of that family
+    assert rows[1:] == [["colour", "64.0", "90.0", "10.3", "60"], ["count", "72.2", "80.0", "36.5", "60"]]
+    assert "up to 1500 training questions" in section
+    del report["probes"]["answers"]  # a report of a run before answer probes: the scene probes only
+    assert "Answer probes" not in markdown(report)
+
+
 def test_markdown_ablations_not_run():
     report = _sample()
     note = "not run; `blip2 quickstart --ablations` runs them, reusing the finished main steps (step cache)"

@@ -7,6 +7,9 @@ four kinds of scene information (`scene_labels`): which colours are present, whi
 pairs (binding: "a red circle and a blue square" vs "a blue circle and a red square"), and how many objects.
 Comparing the pixels (8x8 average-pooled), the frozen encoder's tokens and each model's Q-Former queries shows
 where information is lost: a label the encoder row decodes and a queries row does not is lost in the Q-Former.
+Answer probes (`answer_probe_report`) ask the same of the LLM: a probe from the final model's queries, given
+each VQA question in the Q-Former as InstructBLIP answers it, to the answer; where the model's own answers fall
+below the probe, the LLM does not read what the Q-Former hands it.
 
 A probe is an L2-regularised logistic (multi-label: one sigmoid per label) or softmax regression on features
 standardised with the training set's statistics, fit full-batch by L-BFGS; the L2 weight is chosen on a held-out
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..api import load
 from ..data.shapes import COLOURS, SHAPES, Scene
-from ..processing import CAPTION_INSTRUCTION
+from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE, pre_question
 from .tables import pct, table
 
 LABELS = ("colours", "shapes", "pairs", "count")
@@ -235,6 +238,63 @@ def query_features(model, pixel_values: torch.Tensor, instruction: str | None = 
     return _batched(model, pixel_values, fn, batch_size, progress, desc)
 
 
+def question_query_features(model, images: list, questions: list[str], template: str = VQA_TEMPLATE,
+                            batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """The query outputs of an InstructBLIP model given each row's own question, flattened: [N, Q*H]. Row i is
+    image i (a path) with `template.format(question i)` in the Q-Former, as `model.answer` gives it there; the
+    question is cleaned first (`pre_question`, as the quickstart's evaluation does)."""
+    if model.cfg.architecture != "instructblip":
+        raise ValueError(f"question-conditioned queries need an InstructBLIP model; this one is "
+                         f"{model.cfg.architecture!r}")
+    if len(images) != len(questions):
+        raise ValueError(f"question_query_features: {len(images)} images but {len(questions)} questions")
+    proc, out = model.need_processor(), []
+    dtype = model.ln_vision.weight.dtype
+    with torch.no_grad(), _eval_mode(model):
+        for s in tqdm(range(0, len(images), batch_size), desc="probe features: queries given the question",
+                      disable=not progress):
+            px = model.pixel_values(list(images[s:s + batch_size])).to(model.device, dtype)
+            texts = [template.format(pre_question(q)) for q in questions[s:s + batch_size]]
+            ids, mask = proc.tokenize_qformer(texts, max_length=model.cfg.qformer_max_text_len)
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            out.append(model.query_features(px, ids, mask).flatten(1).float().cpu())  # (b, Q*H)
+    return torch.cat(out)
+
+
+def answer_probe_report(world_dir, model_path, test_questions: list[dict], families, max_train: int = 1500,
+                        device: str | None = None, batch_size: int = 64, max_iter: int = 200, seed: int = 0,
+                        progress: bool = False) -> dict:
+    """Does the final model's Q-Former hand the LLM the answer? Per VQA family: a softmax probe from the query
+    outputs *given the question* (`question_query_features`) to the answer, trained on up to `max_train` of the
+    world's training questions of that family (a seeded sample) and scored on `test_questions` of that family
+    (records with "image" (absolute path or relative to `world_dir`), "question", "answer" (a list, the first
+    is the label), "question_type"), the questions the model itself is evaluated on. The probe's accuracy
+    next to the model's own answers tells what the Q-Former extracts from what the LLM reads off it. Returns
+    {"families": {family: {"probe", "majority", "n_train", "n_test"}}, "max_train", "seconds"}."""
+    t0 = time.perf_counter()
+    world = Path(world_dir)
+    model = load(model_path, dtype=torch.float32, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = {}
+    for fam in families:
+        train = json.loads((world / "vqa" / f"train_{fam}.json").read_text())
+        train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))[:max_train]]
+        test = [r for r in test_questions if r.get("question_type") == fam]
+        if not train or not test:
+            raise ValueError(f"answer probes: family {fam!r} has {len(train)} training questions in "
+                             f"{world / 'vqa' / f'train_{fam}.json'} and {len(test)} test questions")
+        answers = {a: i for i, a in enumerate(sorted({r["answer"][0] for r in train + test}))}
+        feats = [question_query_features(model, [str(world / r["image"]) for r in rows],
+                                         [r["question"] for r in rows], batch_size=batch_size, progress=progress)
+                 for rows in (train, test)]
+        ys = [np.array([answers[r["answer"][0]] for r in rows]) for rows in (train, test)]
+        out[fam] = {"probe": round(_probe(_prepare(*feats), *ys, multilabel=False, max_iter=max_iter), 1),
+                    "majority": round(chance_accuracy(*ys, multilabel=False), 1),
+                    "n_train": len(train), "n_test": len(test)}
+    del model
+    gc.collect()
+    return {"families": out, "max_train": max_train, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 # --------------------------------------------------------------------------------------------- report
 def _representations(paths: list[str], models: dict, instruction: str, device: str, batch_size: int,
                      progress: bool) -> dict[str, torch.Tensor]:
@@ -295,3 +355,13 @@ def probe_table(report: dict) -> list[str]:
     body = [["chance (majority set)"] + [pct(report["chance"].get(k)) for k in labels]]
     body += [[rep] + [pct(row.get(k)) for k in labels] for rep, row in report["rows"].items()]
     return table(["representation"] + labels, body)
+
+
+def answer_probe_table(answers: dict, model_scores: dict | None = None) -> list[str]:
+    """Markdown lines: per family, the answer probe on the queries given the question, the model's own answer
+    accuracy on the same questions (`model_scores`: {family: %}, optional) and the majority answer's share."""
+    scores = model_scores or {}
+    body = [[fam, pct(row.get("probe")), pct(scores.get(fam)), pct(row.get("majority")), str(row.get("n_test"))]
+            for fam, row in answers["families"].items()]
+    return table(["family", "probe on the queries given the question", "the model's answers",
+                  "majority answer", "questions"], body)

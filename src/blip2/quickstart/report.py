@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import atomic_file
-from .probes import probe_table
+from .probes import answer_probe_table, probe_table
 from .tables import NA, finite, pct, score, table
 
 GREEN, RED, INK = "#1b7a2e", "#b3261e", "#222222"
@@ -213,12 +213,20 @@ def _wall_line(report: dict) -> str:
     return f"Main pipeline: {main} of steps; machine: {_machine(report.get('machine'))}."
 
 
-def _probes(p: dict | None) -> list[str]:
+def _probes(p: dict | None, vqa: dict | None = None) -> list[str]:
     if not p:
         return [f"Not run ({NA}).", ""]
     head = [f"Linear probes trained on {_int(p.get('n_train'))} training scenes, scored on {_int(p.get('n_test'))} "
             "held-out scenes (accuracy, %; exact-set accuracy for the multi-label sets).", ""]
-    return head + list(probe_table(p))
+    out = head + list(probe_table(p))
+    if p.get("answers"):
+        out += ["Answer probes: a linear probe from the final model's query outputs, with the question in the "
+                f"Q-Former, to the answer (trained on up to {_int(p['answers'].get('max_train'))} training questions "
+                "per family), scored on the questions the model answers above. The probe's accuracy is what the "
+                "Q-Former hands the LLM, as far as a linear read-out finds it; where the model's answers fall below "
+                "it, the LLM does not read what it is given.",
+                ""] + list(answer_probe_table(p["answers"], ((vqa or {}).get("held_in") or {})))
+    return out
 
 
 def _validation(v: dict | None) -> list[str]:
@@ -256,7 +264,7 @@ def markdown(report: dict) -> str:
     out += ["## Captioning", ""] + _caption(report.get("caption"))
     out += ["## VQA", ""] + _vqa(report.get("vqa"))
     if "probes" in report:
-        out += ["## Linear probes (held-out scenes)", ""] + _probes(report.get("probes"))
+        out += ["## Linear probes (held-out scenes)", ""] + _probes(report.get("probes"), report.get("vqa"))
     out += ["## Ablations", ""] + _ablations(report.get("ablations"))
     out += ["## Timings", ""] + _timings(report)
     out += ["## Setup", ""] + _setup(report)

@@ -37,7 +37,7 @@ from ..train.cache_features import cache_features
 from ..train.config import load_run_config, merge, parse_overrides, shipped_configs
 from ..train.loop import train
 from . import summary as S
-from .probes import probe_report
+from .probes import answer_probe_report, probe_report
 from .report import plot_gallery, plot_losses, plot_validation, summary_lines, write_report
 
 DEFAULT_OUTPUT = "runs/quickstart"
@@ -46,9 +46,9 @@ SMOKE_OUTPUT = "runs/quickstart-smoke"
 # world sizes and evaluation sizes; training sizes live in the configs (smoke overrides below)
 SIZES = {
     "default": {"world": {"n_train": 3000, "n_val": 100, "n_test": 200, "per_shard": 500},
-                "vqa_per_family": 60, "caption_images": 200, "gallery": 8},
+                "vqa_per_family": 60, "caption_images": 200, "gallery": 8, "answer_probe_train": 1500},
     "smoke": {"world": {"n_train": 64, "n_val": 8, "n_test": 16, "per_shard": 32},
-              "vqa_per_family": 4, "caption_images": 8, "gallery": 4},
+              "vqa_per_family": 4, "caption_images": 8, "gallery": 4, "answer_probe_train": 64},
 }
 SMOKE_OVERRIDES = {  # same configs, toy size
     "stage0": ["max_steps=4", "save_every=2", "data.batch_size=16", "optim.warmup_steps=1"],
@@ -336,13 +336,21 @@ class Quickstart:
                                  [t["caption_prompted"], t["vqa"]])}
 
     def _probes(self) -> dict:
-        """Linear probes of the stage-1 and the final model's features on held-out scenes (probes.py)."""
+        """Linear probes of the stage-1 and the final model's features on held-out scenes, and answer probes of
+        the final model's queries given the evaluation's held-in questions (probes.py)."""
         models = {"stage 1": self.out / "stage1" / "model", "final": self.out / "instruct" / "model"}
+        trained = json.loads((Path(self.names["world"]) / "world.json").read_text())["params"]["held_in"]
+        held_in = [f for f in shapes.FAMILIES if f in trained]  # the VQA families instruction tuning saw
+        questions = json.loads(self.eval_files["vqa"].read_text())
 
         def run(step_dir: Path) -> dict:
-            return probe_report(Path(self.names["world"]), models, progress=self.progress)
+            world = Path(self.names["world"])
+            return {**probe_report(world, models, progress=self.progress),
+                    "answers": answer_probe_report(world, models["final"], questions, held_in,
+                                                   max_train=self.sizes["answer_probe_train"], progress=self.progress)}
 
-        fp = _fingerprint(self.fps["world"], self.fps["stage1"], self.fps["instruct"])
+        fp = _fingerprint(self.fps["world"], self.fps["stage1"], self.fps["instruct"], self.fp_eval,
+                          self.sizes["answer_probe_train"])
         return self._step("probes", "linear probes of the stage-1 and final features (held-out scenes)", fp, run)
 
     # -------------------------------------------------------------------------------------------- report
