@@ -95,6 +95,7 @@ class Protocol:
     result_format: str = ""
     published: tuple = ()
     sources: dict = field(default_factory=dict)
+    fold_size: int = 0  # retrieval: also report recall averaged over folds of this many images (0: none)
 
     def prompt(self, architecture: str) -> str:
         if architecture not in self.prompts:
@@ -286,13 +287,17 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
         result_format='[{"question_id", "answer"}]',
         sources={"settings": _IB + "qa_msrvtt_*_eval_test.yaml (4 frames, 5 beams, 10 / 1, length penalty -1)"}),
     Protocol(
-        "flickr30k-retrieval", "Flickr30K 1k test image-text retrieval", "retrieval", "karpathy-retrieval",
-        "dataset_flickr30k.json", "test", 364, {}, metric="R@1/5/10 both directions",
+        "flickr30k-retrieval", "Flickr30K test image-text retrieval (1k images: one gallery)", "retrieval",
+        "karpathy-retrieval", "dataset_flickr30k.json", "test", 364, {},
+        metric="R@1/5/10 both directions (the test split is 1000 images: the 1k protocol)",
         sources={"settings": _EVAL + "ret_flickr_eval.yaml (COCO-finetuned model, 364 px, k_test 128)"}),
     Protocol(
-        "coco-retrieval", "COCO 5k Karpathy test image-text retrieval", "retrieval", "karpathy-retrieval",
-        "dataset_coco.json", "test", 364, {}, metric="R@1/5/10 both directions",
-        sources={"settings": _EVAL + "ret_coco_eval.yaml (364 px, k_test 128)"}),
+        "coco-retrieval", "COCO Karpathy test image-text retrieval, 5k and 1k (5 folds)", "retrieval",
+        "karpathy-retrieval", "dataset_coco.json", "test", 364, {},
+        metric="R@1/5/10 both directions: 5k; `folds_of_1000`: the mean over 5 folds of 1000 images", fold_size=1000,
+        sources={"settings": _EVAL + "ret_coco_eval.yaml (364 px, k_test 128)",
+                 "1k": "the 5k test images in file order, 5 folds of 1000 with their captions; each fold is its own "
+                       "gallery (ITC, ITM re-ranking of its own top 128) and the recalls are averaged over folds"}),
 ]}
 
 
