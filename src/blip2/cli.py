@@ -183,7 +183,7 @@ def cmd_eval(a) -> None:
         if a.benchmark is not None:
             report = run_benchmark(a.benchmark, model, a.data, a.images, output=a.output or f"runs/eval/{a.benchmark}",
                                    batch_size=a.batch_size, generation=gen, limit=a.limit,
-                                   progress=not a.no_progress, model_name=str(a.model))
+                                   progress=not a.no_progress, model_name=str(a.model), fold_size=a.fold_size)
         else:
             report = evaluate(a.task, model, a.data, a.images, output=a.output or f"runs/eval/{a.task}",
                               batch_size=a.batch_size, generation=gen, prompt=a.prompt, template=a.template,
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help='vqa / choice: question template (default '
                                                       f'"{VQA_TEMPLATE}")')
     p.add_argument("--k", type=int, default=128, help="retrieval: candidates per row re-ranked with ITM")
+    p.add_argument("--fold-size", type=int, default=None,
+                   help="retrieval benchmarks: images per fold of the fold-averaged breakdown (default: the "
+                        "protocol's, coco-retrieval 1000 = COCO 1k; 0: none, half the work)")
     p.add_argument("--reduce", choices=["mean", "sum"], default="sum",
                    help="choice: rank by the sum (the original's) or the mean of the choice's token log-probabilities")
     p.add_argument("--keep-questions", action="store_true",
