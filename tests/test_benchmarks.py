@@ -456,8 +456,13 @@ def test_coco_retrieval_fold_average_is_the_mean_of_per_fold_recalls(tmp_path, m
     assert {k: m["folds_of_5"][k] for k in whole} == pytest.approx({k: (folds[0][k] + folds[1][k]) / 2 for k in whole})
     assert m["folds_of_5"]["folds"] == 2 and m["folds_of_5"]["i2t_r1"] != m["i2t_r1"]  # 5 candidates, not 10
     assert "## folds_of_5" in (tmp_path / "out" / "metrics.md").read_text()
-    assert "folds" not in benchmark.run_benchmark("coco-retrieval", blip2.load(d), [path], root, progress=False,
-                                                  fold_size=0)["metrics"]
+    model = blip2.load(d)
+    assert not [k for k in benchmark.run_benchmark("coco-retrieval", model, [path], root, progress=False,
+                                                   fold_size=0)["metrics"] if k.startswith("folds")]
+    rep = benchmark.run_benchmark("coco-retrieval", model, [path], root, progress=False, fold_size=4)
+    assert rep["metrics"]["folds_of_4"]["folds"] == 2 and "last 2 of 10 images" in rep["notes"]["folds"]
+    with pytest.raises(ValueError, match="fold_size must be >= 0"):
+        benchmark.run_benchmark("coco-retrieval", model, [path], root, progress=False, fold_size=-1)
 
 
 # ------------------------------------------------------------------------------------------------- video

@@ -256,14 +256,16 @@ def _retrieval(model, items: list[dict], n_rows: int, opts: dict, fold_size: int
     the rows in file order cut into folds of fold_size (COCO 1k: 5 folds of 1000 images), each fold its own
     gallery (ITC, then ITM re-ranking of the fold's own top k), so a fold's numbers are those of a run on it alone.
     n_rows: the split's rows before skipping (fold f holds the rows with index in [f*size, (f+1)*size))."""
+    if fold_size < 0:
+        raise ValueError(f"fold_size must be >= 0 (0: no folds), got {fold_size}")
     run, score = RUNNERS["retrieval"]
     opts = {**opts, "k": 128}  # k_test of LAVIS projects/blip2/eval/ret_*_eval.yaml
     records, bad, extra = run(model, items, opts)
     recalls = score(records, extra, opts)
     n_folds = n_rows // fold_size if fold_size else 0
-    if fold_size and n_folds == 0:
+    if fold_size and not n_folds:
         notes["folds"] = f"{n_rows} images: fewer than one fold of {fold_size}; no fold-averaged recall"
-    elif n_rows % max(fold_size, 1) and fold_size:
+    elif fold_size and n_rows % fold_size:
         notes["folds"] = f"the last {n_rows % fold_size} of {n_rows} images are in no fold of {fold_size}"
     per_fold = []
     for f in range(n_folds):
