@@ -6,8 +6,9 @@
    OPT / T5 LMs from benchmarks/generation_bench.py, greedy, 5 beams);
 2. speed: generate vs transformers in bf16 (opt-medium, batch 1 and 8, greedy and 5 beams; goal >= 1.5x, ids
    identical), best of 3, interleaved;
-3. one stage-1 (ITC + ITM + ITG) and one stage-2 (LM loss) training step under bf16 autocast: finite losses
-   close to fp32 and finite gradients;
+3. one stage-1 (ITC + ITM + ITG) and one stage-2 (LM loss) training step under bf16 autocast with the weights
+   placed as training places them (blip2.train.runtime.place_for_training): finite losses close to fp32 and
+   finite gradients;
 4. the precision policy (blip2.precision) on the device: dtypes per module, the mixed model's image features
    close to fp32.
 Without CUDA it says so and exits 0 (`--cpu` runs the tiny checks on the CPU, which is what the tests do).
@@ -30,6 +31,7 @@ from blip2 import from_preset  # noqa: E402
 from blip2.generation import GenerationConfig, generate  # noqa: E402
 from blip2.precision import apply_precision, precision_plan  # noqa: E402
 from blip2.stage1 import stage1_losses  # noqa: E402
+from blip2.train.runtime import place_for_training  # noqa: E402
 
 
 def _sync(device):
@@ -121,6 +123,7 @@ def check_training(device, autocast_dtype=torch.bfloat16, tol: float = 0.1) -> l
     ids[:, 0] = 0
     mask = torch.ones_like(ids)
     ref = stage1_losses(s1, px, ids, mask, generator=torch.Generator(device).manual_seed(0))
+    place_for_training(s1, autocast_dtype)  # as the training loop does: frozen ViT in the autocast dtype
     with torch.autocast(dev_type, dtype=autocast_dtype):
         out = stage1_losses(s1, px, ids, mask, generator=torch.Generator(device).manual_seed(0))
     sum(out.values()).backward()
@@ -134,6 +137,7 @@ def check_training(device, autocast_dtype=torch.bfloat16, tol: float = 0.1) -> l
     px = torch.randn(4, 3, size, size, generator=g).to(device)
     ids = torch.randint(5, 100, (4, 10), generator=g).to(device)
     ref = s2(px, input_ids=ids, labels=ids).loss
+    place_for_training(s2, autocast_dtype)  # frozen ViT (LayerNorms fp32) and LLM in the autocast dtype
     with torch.autocast(dev_type, dtype=autocast_dtype):
         loss = s2(px, input_ids=ids, labels=ids).loss
     loss.backward()

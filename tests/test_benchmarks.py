@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from blip2.benchmark_files import read
 from blip2.evaluation import choice_scores
 from blip2.metrics import normalize_vqa_answer
 from blip2.processing import pre_question
-from fixtures import make_bert_tokenizer, one_torch_thread, sample_image
+from fixtures import corpus_lines, make_bert_tokenizer, one_torch_thread, random_pil, sample_image
 from hf_models import checkpoint_with_processor, retrieval_hf
 
 
@@ -406,6 +407,62 @@ def test_retrieval_karpathy_test(tmp_path, name):
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds["images"]) == 2 and preds["txt2img"] == [0, 0, 1, 1]  # the test split's 2 images, 4 captions
     assert set(rep["metrics"]) >= {"i2t_r1", "t2i_r1", "mean"}
+
+
+def _hand_recall(i2t: np.ndarray, t2i: np.ndarray, txt2img: list[int]) -> dict:
+    """R@1/5/10 from the score matrices by sorting: a row is a hit at K when one of its own columns is in its K
+    best (image rows own their captions; caption rows own their image)."""
+    out = {}
+    for name, scores, own in (("i2t", i2t, lambda r, c: txt2img[c] == r), ("t2i", t2i, lambda r, c: txt2img[r] == c)):
+        first = [next(n for n, c in enumerate(np.argsort(-row, kind="stable")) if own(r, c)) for r, row in
+                 enumerate(scores)]
+        for k in (1, 5, 10):
+            out[f"{name}_r{k}"] = 100.0 * sum(f < k for f in first) / len(first)
+    return out
+
+
+def test_coco_retrieval_fold_average_is_the_mean_of_per_fold_recalls(tmp_path, monkeypatch):
+    """COCO 1k: the test images in file order, in folds (5 images here), each fold its own gallery; the breakdown
+    is the mean of the folds' recalls, computed here by hand from the whole split's score matrix (k = 128 re-ranks
+    every pair, so a fold's matrix is a diagonal block of the whole one)."""
+    from transformers import AutoTokenizer
+
+    from blip2 import evaluation
+
+    d = tmp_path / "itm"
+    retrieval_hf(seed=3).save_pretrained(d)
+    AutoTokenizer.from_pretrained(make_bert_tokenizer(tmp_path / "_bert", vocab_size=120)).save_pretrained(d)
+    root, entries, lines = tmp_path / "coco", [], corpus_lines()
+    for i in range(11):  # 10 test images (2 folds of 5) and one train image between them
+        name = f"COCO_val2014_{i:012d}.jpg"
+        (root / "val2014").mkdir(parents=True, exist_ok=True)
+        random_pil("RGB", 36, seed=i).save(root / "val2014" / name)
+        entries.append({"filepath": "val2014", "filename": name, "cocoid": 100 + i, "split": "train" if i == 4 else
+                        "test", "sentences": [{"raw": lines[2 * i]}, {"raw": lines[2 * i + 1]}]})
+    path = _w(tmp_path / "dataset_coco.json", {"images": entries})
+    calls = []
+    real = evaluation.score_matrix
+    monkeypatch.setattr(evaluation, "score_matrix", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+    rep = benchmark.run_benchmark("coco-retrieval", blip2.load(d), [path], root, output=tmp_path / "out",
+                                  progress=False, fold_size=5)
+    assert [c[0].shape for c in calls] == [(10, 20), (5, 10), (5, 10)]  # the whole split, then each fold alone
+    i2t, t2i = (m.numpy() for m in calls[0])
+    txt2img = [i for i in range(10) for _ in range(2)]
+    whole = _hand_recall(i2t, t2i, txt2img)
+    folds = [_hand_recall(i2t[f * 5:(f + 1) * 5, f * 10:(f + 1) * 10], t2i[f * 10:(f + 1) * 10, f * 5:(f + 1) * 5],
+                          [i for i in range(5) for _ in range(2)]) for f in range(2)]
+    m = rep["metrics"]
+    assert {k: m[k] for k in whole} == pytest.approx(whole)
+    assert {k: m["folds_of_5"][k] for k in whole} == pytest.approx({k: (folds[0][k] + folds[1][k]) / 2 for k in whole})
+    assert m["folds_of_5"]["folds"] == 2 and m["folds_of_5"]["i2t_r1"] != m["i2t_r1"]  # 5 candidates, not 10
+    assert "## folds_of_5" in (tmp_path / "out" / "metrics.md").read_text()
+    model = blip2.load(d)
+    assert not [k for k in benchmark.run_benchmark("coco-retrieval", model, [path], root, progress=False,
+                                                   fold_size=0)["metrics"] if k.startswith("folds")]
+    rep = benchmark.run_benchmark("coco-retrieval", model, [path], root, progress=False, fold_size=4)
+    assert rep["metrics"]["folds_of_4"]["folds"] == 2 and "last 2 of 10 images" in rep["notes"]["folds"]
+    with pytest.raises(ValueError, match="fold_size must be >= 0"):
+        benchmark.run_benchmark("coco-retrieval", model, [path], root, progress=False, fold_size=-1)
 
 
 # ------------------------------------------------------------------------------------------------- video

@@ -314,7 +314,8 @@ def test_eval_retrieval_end_to_end(photos, tmp_path):
     from blip2.retrieval import score_matrix
 
     model = blip2.load(d)
-    enc = model.processor.tokenizer(preds["texts"], padding="longest", return_tensors="pt")
+    enc = model.processor.tokenizer(preds["texts"], padding="longest", padding_side="right",  # LAVIS: [CLS] first
+                                    return_tensors="pt")
     px = model.processor.images([photos[0], photos[1], photos[2], photos[3]])
     i2t, t2i = score_matrix(model, px, enc["input_ids"], enc["attention_mask"], k=2, progress=False)
     expected = recall_at_k(i2t, t2i, preds["img2txt"], preds["txt2img"])

@@ -22,6 +22,7 @@ from blip2.train.build import build_model
 from blip2.train.config import RunConfigError, load_run_config, shipped_configs
 from blip2.train.cache_features import cache_features
 from blip2.train.feature_cache import FeatureCacheError, FeatureStore, open_feature_store
+from blip2.train.runtime import place_for_training
 
 CONFIGS = shipped_configs() / "tiny"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
@@ -98,12 +99,17 @@ def test_mismatched_cache_is_refused(tmp_path):
     cache_features(load_run_config(config, [f"output_dir={tmp_path}"]), progress=False)
     use = [f"data.feature_cache={cache}", "data.augment=false"]
     assert _train_data(config, tmp_path, *use).collator.image_features is not None  # the matching model is fine
-    # on a GPU the loop casts the frozen encoder to bf16/fp16 before the data is built: still the same encoder
+    # on a GPU the loop places the frozen encoder in bf16/fp16 (LayerNorms fp32) before the data is built: still
+    # the same encoder; cast wholesale (LayerNorms too) it is another one
     cfg = load_run_config(config, [f"output_dir={tmp_path}"])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tmp_path / "work")
     for dtype in (torch.bfloat16, torch.float16):
-        open_feature_store(cache, copy.deepcopy(model).to(dtype), 32)
+        placed = copy.deepcopy(model)
+        place_for_training(placed, dtype)
+        open_feature_store(cache, placed, 32)
+    with pytest.raises(FeatureCacheError, match="another image encoder.*fingerprint"):
+        open_feature_store(cache, copy.deepcopy(model).to(torch.bfloat16), 32)
     # other encoder weights: another seed draws another random encoder
     with pytest.raises(FeatureCacheError, match="another image encoder.*fingerprint"):
         _train_data(config, tmp_path, "seed=1", *use)

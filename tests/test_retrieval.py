@@ -175,6 +175,8 @@ def test_score_matrix_errors(setup):
     walks = iter([[px[:3], px[3:]], [px[:2], px[2:]]])  # a loader that changes its batches between walks
     with pytest.raises(ValueError, match="second walk"):
         score_matrix(model, lambda: next(walks), ids, mask, progress=False)
+    with pytest.raises(ValueError, match="padded on the left"):  # [CLS] must be at position 0
+        score_matrix(model, px, ids, mask.flip(1), progress=False)
     assert not model.training
 
 

@@ -25,6 +25,7 @@ from .convert_bert import init_qformer_from_bert
 from .lavis_load import fill_from_lavis, read_lavis_checkpoint
 from .lora import load_adapters
 from .model import Blip2Model
+from .precision import apply_precision, resolve_policy
 from .processing import ImageProcessor, Processor
 from .quantize import QuantizeError, check_scheme, quantize_llm, quantize_ready, smooth_int8
 from .stage1 import add_decoder_token, stage1_config
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 
 
 def load(path, dtype=None, device=None, config=None, vit=None, llm=None, quantize: str | None = None,
-         adapter=None) -> Blip2Model:
+         adapter=None, precision: str = "auto") -> Blip2Model:
     """Load a checkpoint (the forms `blip2.checkpoint.find_checkpoint` accepts, as every command does):
 
     - a directory in the transformers format (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
@@ -47,6 +48,10 @@ def load(path, dtype=None, device=None, config=None, vit=None, llm=None, quantiz
     CUDA; see `load_quantized`). adapter: a LoRA adapter directory (`blip2.lora.save_adapters`, a run's
     `adapter/`), merged into the weights after loading; with `quantize` too, the model is loaded in full
     precision, merged, then quantised (no streaming).
+    precision: how `dtype` (fp16 / bf16) is applied (blip2.precision.resolve_policy): "auto" = the original's
+    per-module policy on CUDA (ViT fp16 with fp32 LayerNorms; ln_vision, Q-Former, queries, projection fp32; LLM
+    in `dtype`) and the plain cast elsewhere; "original" = the policy on any device; "cast" = every weight in
+    `dtype` except, in fp16, the Q-Former (`Blip2Model.set_dtype`, the behaviour before the policy).
     """
     path = find_checkpoint(path)
     if path.suffix in (".pth", ".pt"):
@@ -63,10 +68,11 @@ def load(path, dtype=None, device=None, config=None, vit=None, llm=None, quantiz
     if quantize:
         quantize_llm(model, quantize, device=device)
         return _finish(model, None, device)
-    return _finish(model, dtype, device)
+    return _finish(model, dtype, device, precision)
 
 
-def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, device=None) -> Blip2Model:
+def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, device=None,
+                    precision: str = "auto") -> Blip2Model:
     """A model from a transformers-format checkpoint directory, with its tokenizers and image processor
     attached when the directory has them."""
     d = Path(directory)
@@ -77,7 +83,7 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, dev
         model.llm.tie_weights()  # skipped with the initialisation above
     load_into(model, weights, str(d), allow_missing=NOT_IN_HF)
     model.processor = Processor.from_dir(d)
-    return _finish(model, dtype, device)
+    return _finish(model, dtype, device, precision)
 
 
 def load_quantized(directory: str | Path, scheme: str, dtype: torch.dtype | None = None, device=None) -> Blip2Model:
@@ -211,8 +217,12 @@ def from_bert(bert_dir: str | Path, vision: VisionConfig | None = None, image_si
     return model
 
 
-def _finish(model: Blip2Model, dtype, device) -> Blip2Model:
-    if dtype is not None:
+def _finish(model: Blip2Model, dtype, device, precision: str = "auto") -> Blip2Model:
+    """`dtype` by the precision policy (blip2.precision), then `device`, in eval mode."""
+    policy = resolve_policy(precision, dtype, device)
+    if dtype is not None and policy == "original":
+        apply_precision(model, llm_dtype=dtype)
+    elif dtype is not None:
         model.set_dtype(dtype)
     if device is not None:
         model.to(device)

@@ -250,12 +250,41 @@ def official_results(protocol, records) -> list | dict:
     return [{"question_id": r["id"], "answer": r["answer"]} for r in records]
 
 
+# ------------------------------------------------------------------------------------------------ retrieval
+def _retrieval(model, items: list[dict], n_rows: int, opts: dict, fold_size: int, notes: dict):
+    """(records, skipped, recalls) over the whole test split and, with fold_size, the recalls averaged over folds:
+    the rows in file order cut into folds of fold_size (COCO 1k: 5 folds of 1000 images), each fold its own
+    gallery (ITC, then ITM re-ranking of the fold's own top k), so a fold's numbers are those of a run on it alone.
+    n_rows: the split's rows before skipping (fold f holds the rows with index in [f*size, (f+1)*size))."""
+    if fold_size < 0:
+        raise ValueError(f"fold_size must be >= 0 (0: no folds), got {fold_size}")
+    run, score = RUNNERS["retrieval"]
+    opts = {**opts, "k": 128}  # k_test of LAVIS projects/blip2/eval/ret_*_eval.yaml
+    records, bad, extra = run(model, items, opts)
+    recalls = score(records, extra, opts)
+    n_folds = n_rows // fold_size if fold_size else 0
+    if fold_size and not n_folds:
+        notes["folds"] = f"{n_rows} images: fewer than one fold of {fold_size}; no fold-averaged recall"
+    elif fold_size and n_rows % fold_size:
+        notes["folds"] = f"the last {n_rows % fold_size} of {n_rows} images are in no fold of {fold_size}"
+    per_fold = []
+    for f in range(n_folds):
+        fold = [it for it in items if f * fold_size <= it["index"] < (f + 1) * fold_size]
+        fold_records, _, fold_extra = run(model, fold, opts)  # its unreadable images are in `bad` already
+        per_fold.append(score(fold_records, fold_extra, opts))
+    if per_fold:
+        recalls[f"folds_of_{fold_size}"] = {**{key: sum(r[key] for r in per_fold) / n_folds for key in per_fold[0]},
+                                           "folds": n_folds}
+    return records, bad, recalls
+
+
 # ------------------------------------------------------------------------------------------------ the run
 def run_benchmark(name: str, model, data: str | Sequence[str], images: str | None = None, output: str | None = None,
                   batch_size: int = 16, generation: dict | None = None, limit: int | None = None,
-                  progress: bool = True, model_name: str | None = None) -> dict | None:
+                  progress: bool = True, model_name: str | None = None, fold_size: int | None = None) -> dict | None:
     """Evaluate `model` on benchmark `name` (blip2.protocols.PROTOCOLS); process 0 returns the report
-    metrics.json holds. generation: overrides of the protocol's settings. limit: the first N entries."""
+    metrics.json holds. generation: overrides of the protocol's settings. limit: the first N entries.
+    fold_size: retrieval, images per fold of the fold-averaged breakdown (default: the protocol's; 0: none)."""
     protocol = protocols.get(name)
     t0 = time.perf_counter()
     paths = [str(p) for p in as_list(data)]
@@ -263,6 +292,7 @@ def run_benchmark(name: str, model, data: str | Sequence[str], images: str | Non
     items, skipped = read(protocol.reader, paths, root)
     if limit is not None:
         items, skipped = [it for it in items if it["index"] < limit], [s for s in skipped if s["index"] < limit]
+    n_rows = len(items) + len(skipped)
     if not items:
         raise ValueError(f"{', '.join(paths)}: no usable entries for {name} ({len(skipped)} skipped)")
     architecture, arch = (model.cfg.architecture, None) if protocol.kind == "retrieval" else _arch(model)
@@ -276,9 +306,9 @@ def run_benchmark(name: str, model, data: str | Sequence[str], images: str | Non
     model.eval()
     try:
         if protocol.kind == "retrieval":
-            run, score = RUNNERS["retrieval"]
-            records, bad, extra = run(model, items, {**opts, "k": 128})
-            scores, results = score(records, extra, opts), records
+            size = protocol.fold_size if fold_size is None else fold_size
+            records, bad, scores = _retrieval(model, items, n_rows, opts, size, notes)
+            results = records
         else:
             key = hashlib.sha256(json.dumps([model_fingerprint(model), name, gen, protocol.prompts, paths],
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -312,7 +342,7 @@ def run_benchmark(name: str, model, data: str | Sequence[str], images: str | Non
         return None
     skipped = sorted(skipped + bad, key=lambda s: s["index"])
     report = {"task": name, "benchmark": name, "model": model_name or architecture, "architecture_key": arch,
-              "data": paths, "processes": dist.world_size(), "items": len(items) + len(skipped) - len(bad),
+              "data": paths, "processes": dist.world_size(), "items": n_rows - len(bad),
               "evaluated": len(records) if protocol.kind != "retrieval" else len(records["images"]),
               "skipped": len(skipped), "skipped_items": skipped, "metrics": scores, "generation": gen or None,
               "prompt": protocol.prompts.get(architecture), "notes": notes,

@@ -18,6 +18,7 @@ from .bulk.run import BulkJob, format_summary, label_dataset
 from .demo import run_demo
 from .evaluation import distributed_session, evaluate, markdown_report
 from .info import describe
+from .precision import POLICIES
 from .processing import VQA_TEMPLATE
 from .quantize import SCHEMES
 from .quickstart.run import run_quickstart
@@ -48,7 +49,7 @@ def _gen_kwargs(a) -> dict:
 def load_options(a) -> dict:
     """blip2.load's keyword arguments from the options `add_load_options` adds (every command that loads a model)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    return {"dtype": dtype, "device": a.device, "quantize": a.quantize, "adapter": a.adapter}
+    return {"dtype": dtype, "device": a.device, "quantize": a.quantize, "adapter": a.adapter, "precision": a.precision}
 
 
 def _load(a):
@@ -182,7 +183,7 @@ def cmd_eval(a) -> None:
         if a.benchmark is not None:
             report = run_benchmark(a.benchmark, model, a.data, a.images, output=a.output or f"runs/eval/{a.benchmark}",
                                    batch_size=a.batch_size, generation=gen, limit=a.limit,
-                                   progress=not a.no_progress, model_name=str(a.model))
+                                   progress=not a.no_progress, model_name=str(a.model), fold_size=a.fold_size)
         else:
             report = evaluate(a.task, model, a.data, a.images, output=a.output or f"runs/eval/{a.task}",
                               batch_size=a.batch_size, generation=gen, prompt=a.prompt, template=a.template,
@@ -238,8 +239,12 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
-    """--dtype, --device, --quantize, --adapter: how a command loads its model (read back by `load_options`)."""
+    """--dtype, --precision, --device, --quantize, --adapter: how a command loads its model (`load_options`)."""
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=list(POLICIES), default="auto",
+                   help="how --dtype fp16 / bf16 is applied: auto = the original's per-module policy on CUDA (ViT "
+                        "fp16 with fp32 LayerNorms; Q-Former, queries, projection fp32; LLM in --dtype), a plain "
+                        "cast elsewhere; original = the policy on any device; cast = every weight in --dtype")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--quantize", choices=list(SCHEMES), default=None,
                    help="quantise the LLM's linear layers while loading: int8 / int8-dynamic (CPU), "
@@ -330,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help='vqa / choice: question template (default '
                                                       f'"{VQA_TEMPLATE}")')
     p.add_argument("--k", type=int, default=128, help="retrieval: candidates per row re-ranked with ITM")
+    p.add_argument("--fold-size", type=int, default=None,
+                   help="retrieval benchmarks: images per fold of the fold-averaged breakdown (default: the "
+                        "protocol's, coco-retrieval 1000 = COCO 1k; 0: none, half the work)")
     p.add_argument("--reduce", choices=["mean", "sum"], default="sum",
                    help="choice: rank by the sum (the original's) or the mean of the choice's token log-probabilities")
     p.add_argument("--keep-questions", action="store_true",

@@ -377,12 +377,15 @@ def _retrieval(model, items, opts):
     txt2img = [i for i, it in enumerate(ok) for _ in it["captions"]]
     img2txt = [[j for j, i2 in enumerate(txt2img) if i2 == i] for i in range(len(ok))]
     tok = proc.qformer_tokenizer if proc.qformer_tokenizer is not None else proc.tokenizer
-    side, tok.truncation_side = tok.truncation_side, "right"  # LAVIS keeps the start of long captions
+    # LAVIS keeps the start of long captions and pads on the right: [CLS] first, positions from 0 (a retrieval
+    # checkpoint's only tokenizer is the BERT one, which the processor pads on the left for generation)
+    sides = tok.truncation_side, tok.padding_side
+    tok.truncation_side = tok.padding_side = "right"
     try:
         enc = tok([pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=35,
                   return_tensors="pt")
     finally:
-        tok.truncation_side = side
+        tok.truncation_side, tok.padding_side = sides
     bs, size = opts["batch_size"], proc.image_processor.image_size
     rank, world = dist.rank(), dist.world_size()
 

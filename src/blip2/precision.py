@@ -14,6 +14,11 @@ blip2_t5.py / blip2_t5_instruct.py cast the T5 weights to bfloat16):
 
 The original also runs the ViT and Q-Former under torch.autocast(fp16) on GPUs (`maybe_autocast`); here each
 module computes in its own dtype (the LLM's inputs are cast to its dtype by the model).
+
+Where it applies (`resolve_policy`): `blip2.load(..., dtype=fp16 | bf16)` and the commands' `--dtype` on a CUDA
+device ("auto"; `precision="original"` anywhere, `precision="cast"` / `--precision cast` for the plain cast of
+`Blip2Model.set_dtype`), and training under autocast on GPUs (blip2.train.runtime.place_for_training: the frozen
+towers in the autocast dtype, trainable weights fp32). fp32 and CPU loads are unchanged.
 """
 
 from __future__ import annotations
@@ -22,16 +27,41 @@ import torch
 from torch import nn
 
 
-def precision_plan(model, llm_dtype: torch.dtype = torch.float16,
-                   vit_dtype: torch.dtype = torch.float16) -> dict[str, torch.dtype]:
-    """Parameter name -> the dtype the policy gives it."""
-    norms = {name for name, m in model.vision.named_modules() if isinstance(m, nn.LayerNorm)}
+POLICIES = ("auto", "original", "cast")
+
+
+def resolve_policy(policy: str, dtype: torch.dtype | None, device=None) -> str:
+    """"original" (apply_precision) or "cast" (every weight in `dtype`) for a model put in `dtype` on `device`.
+    fp32 (or no dtype) is always a cast (nothing changes); for fp16 / bf16 "auto" is the original's policy on a
+    CUDA device and the cast elsewhere (CPU loads behave as before)."""
+    if policy not in POLICIES:
+        raise ValueError(f"precision must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "cast"
+    if policy != "auto":
+        return policy
+    return "original" if device is not None and torch.device(device).type == "cuda" else "cast"
+
+
+def vision_plan(vision: nn.Module, vit_dtype: torch.dtype = torch.float16) -> dict[str, torch.dtype]:
+    """The image encoder's parameter name -> dtype: LayerNorm weights fp32, every other parameter `vit_dtype`."""
+    norms = {name for name, m in vision.named_modules() if isinstance(m, nn.LayerNorm)}
+    return {name: torch.float32 if name.rpartition(".")[0] in norms else vit_dtype
+            for name, _ in vision.named_parameters()}
+
+
+def precision_plan(model, llm_dtype: torch.dtype = torch.float16, vit_dtype: torch.dtype = torch.float16,
+                   trainable_fp32: bool = False) -> dict[str, torch.dtype]:
+    """Parameter name -> the dtype the policy gives it; trainable_fp32: parameters that require grad stay fp32
+    (training's master weights, e.g. LoRA adapters inside the LLM)."""
+    vision = vision_plan(model.vision, vit_dtype)
     plan = {}
-    for name, _ in model.named_parameters():
+    for name, p in model.named_parameters():
         top, _, rest = name.partition(".")
-        if top == "vision":
-            owner = rest.rpartition(".")[0]
-            plan[name] = torch.float32 if owner in norms else vit_dtype
+        if trainable_fp32 and p.requires_grad:
+            plan[name] = torch.float32
+        elif top == "vision":
+            plan[name] = vision[rest]
         elif top == "llm":
             plan[name] = llm_dtype
         else:  # ln_vision, qformer, query tokens, projection, stage-1 heads
@@ -55,12 +85,14 @@ def _vision_input(dtype):
     return hook
 
 
-def apply_precision(model, llm_dtype: torch.dtype = torch.float16, vit_dtype: torch.dtype = torch.float16):
+def apply_precision(model, llm_dtype: torch.dtype = torch.float16, vit_dtype: torch.dtype = torch.float16,
+                    trainable_fp32: bool = False):
     """Cast `model` in place to precision_plan and make the mixed towers run: the vision encoder takes its input
     in `vit_dtype` and returns it in fp32 for ln_vision; its LayerNorms compute in fp32. Idempotent."""
-    if llm_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"llm_dtype must be float16, bfloat16 or float32, got {llm_dtype}")
-    plan = precision_plan(model, llm_dtype, vit_dtype)
+    for what, dt in (("llm_dtype", llm_dtype), ("vit_dtype", vit_dtype)):
+        if dt not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{what} must be float16, bfloat16 or float32, got {dt}")
+    plan = precision_plan(model, llm_dtype, vit_dtype, trainable_fp32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.data = p.data.to(plan[name])

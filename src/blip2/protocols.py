@@ -95,6 +95,7 @@ class Protocol:
     result_format: str = ""
     published: tuple = ()
     sources: dict = field(default_factory=dict)
+    fold_size: int = 0  # retrieval: also report recall averaged over folds of this many images (0: none)
 
     def prompt(self, architecture: str) -> str:
         if architecture not in self.prompts:
@@ -151,6 +152,16 @@ _IB = LAVIS + "projects/instructblip/"
 _BLIP2_VQA = "Question: {} Short answer:"
 _IB_VQA = "Question: {} Short Answer:"
 _NOT_RELEASED = "not released; follows " + _IB + "qa_okvqa_*_eval.yaml"
+# Where the published numbers come from (each read, not recalled). The papers' tables themselves were not readable
+# here; PwC is Papers with Code's extraction of the BLIP-2 paper's tables, a secondary source. The LAVIS eval
+# configs open with the scores of a run of the original code on that checkpoint, not the paper's table.
+_README = "LAVIS projects/blip2/README.md (introduction)"
+_PWC = ("paperswithcode.com/paper/blip-2-bootstrapping-language-image-pre, 'Results from the Paper' (its model "
+        "labels; a secondary source for arXiv 2301.12597)")
+
+
+def _run(file: str) -> str:
+    return f"{_EVAL}{file}, header comment (a run of the original code, not the paper's table)"
 
 
 def _answers(blip2: tuple | None, ib: tuple | None) -> dict:
@@ -189,6 +200,16 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
         "coco-caption", "COCO Karpathy test captioning", "caption", "karpathy-caption", "dataset_coco.json", "test",
         364, {"blip2": "a photo of", "instructblip": "A short image caption."},
         _captions((5, 30, 8), (5, 80, 10)), metric="CIDEr", result_format='[{"image_id", "caption"}]',
+        published=(Published("BLIP-2 ViT-G OPT 2.7B", "CIDEr", 145.8, _PWC),
+                   Published("BLIP-2 ViT-G OPT 2.7B", "BLEU-4", 43.7, _PWC),
+                   Published("BLIP-2 ViT-G OPT 6.7B", "CIDEr", 145.2, _PWC),
+                   Published("BLIP-2 ViT-G OPT 6.7B", "BLEU-4", 43.5, _PWC),
+                   Published("BLIP-2 ViT-G FlanT5 XL", "CIDEr", 144.5, _PWC),
+                   Published("BLIP-2 ViT-G FlanT5 XL", "BLEU-4", 42.4, _PWC),
+                   Published("LAVIS caption_coco_opt2.7b", "CIDEr (pycocoevalcap scale)", 1.461,
+                             _run("caption_coco_opt2.7b_eval.yaml")),
+                   Published("LAVIS caption_coco_opt6.7b", "CIDEr (pycocoevalcap scale)", 1.451,
+                             _run("caption_coco_opt6.7b_eval.yaml"))),
         sources={"prompt": LAVIS + "configs/models/blip2/blip2_caption_*.yaml (prompt); " + _IB
                  + "caption_coco_*_eval_test.yaml", "image_size": _EVAL + "caption_coco_opt2.7b_eval.yaml (364); "
                  "InstructBLIP 224", "lengths": _EVAL + "caption_coco_opt*_eval.yaml (5 beams, 30 / 8); " + _IB
@@ -198,8 +219,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
         "nocaps_val_4500_captions.json", "val", 364, {"blip2": "a photo of", "instructblip": "A short image caption."},
         _captions((5, 80, 10), (5, 80, 10)), metric="CIDEr (overall and per domain)",
         result_format='[{"image_id", "caption"}]',
-        published=(Published("best BLIP-2 (the source does not name it)", "CIDEr", 121.6,
-                             "LAVIS projects/blip2/README.md"),),
+        published=(Published("best BLIP-2 (the source does not name it)", "CIDEr", 121.6, _README),),
         sources={"prompt": "BLIP-2 §4.2: NoCaps zero-shot with the COCO-finetuned captioner (its prompt)",
                  "lengths": _EVAL + "caption_nocaps_out_domain_flant5xl_eval.yaml (5 beams, 80 / 10); " + _IB
                  + "caption_nocaps_out_domain_*_eval.yaml (5 beams, 80 / 10)",
@@ -213,8 +233,12 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
         "vqav2", "VQAv2 val (or test-dev: submission file only)", "vqa", "vqa-questions",
         "questions.json [annotations.json]", "val", 224, {"blip2": _BLIP2_VQA, "instructblip": _IB_VQA},
         _answers((5, 10, 1), (5, 10, 1)), metric="VQA accuracy", result_format='[{"question_id", "answer"}]',
-        published=(Published("best BLIP-2 (the source does not name it)", "VQA accuracy (zero-shot)", 65.0,
-                             "LAVIS projects/blip2/README.md"),),
+        published=(Published("best BLIP-2 (the source does not name it)", "VQA accuracy (zero-shot)", 65.0, _README),
+                   Published("LAVIS pretrain_flant5xl", "VQA accuracy (val)", 63.13,
+                             _run("vqav2_zeroshot_flant5xl_eval.yaml")),
+                   Published("LAVIS pretrain_opt2.7b", "VQA accuracy (val; the file: differs from the paper, "
+                             "another implementation and transformers version)", 51.88,
+                             _run("vqav2_zeroshot_opt_eval.yaml"))),
         sources={"prompt / lengths": _EVAL + "vqav2_zeroshot_opt_eval.yaml, vqav2_zeroshot_flant5xl_eval.yaml; "
                  "InstructBLIP: " + _NOT_RELEASED, "length_penalty": "predict_answers defaults (0 OPT, -1 Flan-T5)",
                  **_VQA_SRC}),
@@ -223,6 +247,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
         "mscoco_val2014_annotations.json", "val", 224, {"blip2": _BLIP2_VQA, "instructblip": _IB_VQA},
         _answers((5, 10, 1), (5, 10, 1)), lemmatize=True, metric="VQA accuracy",
         result_format='[{"question_id", "answer"}]',
+        published=(Published("LAVIS pretrain_flant5xl", "VQA accuracy", 41.22, _run("okvqa_zeroshot_flant5xl_eval.yaml")),),
         sources={"prompt / lengths": _EVAL + "okvqa_zeroshot_flant5xl_eval.yaml; " + _IB + "qa_okvqa_*_eval.yaml",
                  "lemmatize": _EVAL + "okvqa_zeroshot_flant5xl_eval.yaml apply_lemmatizer (spaCy en_core_web_sm)",
                  **_VQA_SRC}),
@@ -239,6 +264,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
         "gqa", "GQA testdev balanced", "vqa", "gqa", "testdev_balanced_questions.json", "testdev", 224,
         {"blip2": _BLIP2_VQA, "instructblip": _IB_VQA}, _answers((5, 10, 1), (5, 10, 1)),
         metric="exact match (per structural / semantic type)", result_format='[{"questionId", "prediction"}]',
+        published=(Published("LAVIS pretrain_flant5xl", "accuracy", 43.98, _run("gqa_zeroshot_flant5xl_eval.yaml")),),
         sources={"prompt / lengths": _EVAL + "gqa_zeroshot_flant5xl_eval.yaml; InstructBLIP: " + _NOT_RELEASED,
                  "metric": LAVIS + "tasks/vqa.py GQATask (normalised prediction == answer)", **_VQA_SRC}),
     Protocol(
@@ -286,13 +312,22 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
         result_format='[{"question_id", "answer"}]',
         sources={"settings": _IB + "qa_msrvtt_*_eval_test.yaml (4 frames, 5 beams, 10 / 1, length penalty -1)"}),
     Protocol(
-        "flickr30k-retrieval", "Flickr30K 1k test image-text retrieval", "retrieval", "karpathy-retrieval",
-        "dataset_flickr30k.json", "test", 364, {}, metric="R@1/5/10 both directions",
+        "flickr30k-retrieval", "Flickr30K test image-text retrieval (1k images: one gallery)", "retrieval",
+        "karpathy-retrieval", "dataset_flickr30k.json", "test", 364, {},
+        metric="R@1/5/10 both directions (the test split is 1000 images: the 1k protocol)",
+        published=tuple(Published("BLIP-2 ViT-G (zero-shot, 1K test set)", m, v, _PWC) for m, v in (
+            ("i2t_r1", 97.6), ("i2t_r5", 100.0), ("t2i_r1", 89.7), ("t2i_r5", 98.1), ("t2i_r10", 98.9))),
         sources={"settings": _EVAL + "ret_flickr_eval.yaml (COCO-finetuned model, 364 px, k_test 128)"}),
     Protocol(
-        "coco-retrieval", "COCO 5k Karpathy test image-text retrieval", "retrieval", "karpathy-retrieval",
-        "dataset_coco.json", "test", 364, {}, metric="R@1/5/10 both directions",
-        sources={"settings": _EVAL + "ret_coco_eval.yaml (364 px, k_test 128)"}),
+        "coco-retrieval", "COCO Karpathy test image-text retrieval, 5k and 1k (5 folds)", "retrieval",
+        "karpathy-retrieval", "dataset_coco.json", "test", 364, {},
+        metric="R@1/5/10 both directions: 5k; `folds_of_1000`: the mean over 5 folds of 1000 images", fold_size=1000,
+        published=tuple(Published("BLIP-2 ViT-G (fine-tuned)", m, v, _PWC) for m, v in (
+            ("i2t_r1", 85.4), ("i2t_r5", 97.0), ("i2t_r10", 98.5), ("t2i_r1", 68.3), ("t2i_r5", 87.7),
+            ("t2i_r10", 92.6))),
+        sources={"settings": _EVAL + "ret_coco_eval.yaml (364 px, k_test 128)",
+                 "1k": "the 5k test images in file order, 5 folds of 1000 with their captions; each fold is its own "
+                       "gallery (ITC, ITM re-ranking of its own top 128) and the recalls are averaged over folds"}),
 ]}
 
 
@@ -304,12 +339,15 @@ def get(name: str) -> Protocol:
 
 def table() -> str:
     """`blip2 eval --list`: one markdown row per benchmark."""
+    refs = list(dict.fromkeys(x.source for p in PROTOCOLS.values() for x in p.published))
     rows = ["| benchmark | files (--data) | prompt | image | generation | metric | published |",
             "|---|---|---|---|---|---|---|"]
     for p in PROTOCOLS.values():
         prompts = "; ".join(f"{a}: `{t}`" for a, t in p.prompts.items()) or "-"
         gens = "; ".join(f"{k}: {g['num_beams']} beams, {g['min_new_tokens']}-{g['max_new_tokens']} new, "
                          f"lp {g['length_penalty']:g}, rp {g['repetition_penalty']:g}" for k, g in p.generation.items())
-        pub = "; ".join(f"{x.value} {x.metric} ({x.checkpoint}; {x.source})" for x in p.published) or "not verified"
+        pub = "; ".join(f"{x.value:g} {x.metric} ({x.checkpoint}) [{refs.index(x.source) + 1}]"
+                        for x in p.published) or "unknown (no source read)"
         rows.append(f"| {p.name} | `{p.data}` | {prompts} | {p.image_size} | {gens or '-'} | {p.metric} | {pub} |")
-    return "\n".join(rows)
+    return "\n".join(rows + ["", "Sources of the published numbers:", ""]
+                     + [f"{i}. {src}" for i, src in enumerate(refs, 1)])

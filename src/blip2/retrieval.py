@@ -153,7 +153,8 @@ def score_matrix(model, pixel_values, input_ids: torch.Tensor, attention_mask: t
         DataLoader; a batch is a tensor, a dict with "pixel_values" or a tuple led by the tensor) or a
         zero-argument callable that returns a fresh iterable of batches. It is walked twice (see the module
         docstring) unless cache_image_features=True.
-    input_ids / attention_mask: the tokenized captions [N_txt, L] (Q-Former tokenizer, any padding side).
+    input_ids / attention_mask: the tokenized captions [N_txt, L] (Q-Former tokenizer, padded on the right: the
+        text embedding is the [CLS] output at position 0).
     batch_size: images per encoder batch (for a tensor), texts per text batch, and pairs per ITM batch.
     Under torch.distributed every process passes the whole gallery; the work is split across processes and every
     process gets the full matrices.
@@ -207,6 +208,9 @@ def _checked_mask(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}")
+    if input_ids.shape[1] and not bool(attention_mask[:, 0].all()):
+        raise ValueError("score_matrix: the captions are padded on the left (attention_mask[:, 0] has zeros); pad "
+                         "them on the right (tokenizer.padding_side = 'right') so that [CLS] is at position 0")
     return attention_mask
 
 

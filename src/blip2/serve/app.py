@@ -341,11 +341,13 @@ async def _chat_events(events: asyncio.Queue, rid: str, created: int, name: str,
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          dtype=None, device=None, log_level: str = "info", quantize: str | None = None, adapter=None) -> None:
-    """Load a checkpoint (quantised / with a LoRA adapter: see `blip2.load`) and serve it until interrupted."""
+          dtype=None, device=None, log_level: str = "info", quantize: str | None = None, adapter=None,
+          precision: str = "auto") -> None:
+    """Load a checkpoint (quantised / with a LoRA adapter / the precision policy: see `blip2.load`) and serve it
+    until interrupted."""
     import uvicorn  # deferred: the optional `serve` extra
 
-    model = load(model_dir, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
+    model = load(model_dir, dtype=dtype, device=device, quantize=quantize, adapter=adapter, precision=precision)
     settings = settings or ServeSettings()
     # our per-request log line (with the request id) replaces uvicorn's access log, on uvicorn's handler
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)

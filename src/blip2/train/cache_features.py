@@ -14,7 +14,7 @@ from .config import RunConfig
 from .feature_cache import (DTYPES, SHARD_BYTES, expected_meta, is_complete, training_images, vision_fingerprint,
                             write_cache)
 from .pipeline import TrainData
-from .runtime import amp_settings, seed_everything
+from .runtime import amp_settings, place_for_training, seed_everything
 
 
 def cache_features(cfg: RunConfig, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> Path:
@@ -39,7 +39,7 @@ def cache_features(cfg: RunConfig, progress: bool = True, shard_bytes: int = SHA
         return out
 
     device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype, _ = amp_settings(cfg, device)
-    vision = model.vision.to(device=device, dtype=amp_dtype or torch.float32)
+    place_for_training(model, amp_settings(cfg, device)[0])  # the ViT's dtypes exactly as training gives them
+    vision = model.vision.to(device=device)
     return write_cache(vision, images, keys, out, want, cfg.data.batch_size, cfg.data.num_workers, shard_bytes,
                        progress)

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..files import atomic_dir
+from ..precision import vision_plan
 from ..processing import ImageError
 from .config import RunConfigError
 from .transforms import open_image
@@ -65,10 +66,12 @@ def image_key(sample: dict) -> str:
 
 
 def vision_fingerprint(vision: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
-    """blake2b of the encoder's weights (names, shapes and bytes), after casting to `dtype` (default: as is)."""
+    """blake2b of the encoder's weights (names, shapes and bytes) as training places them in `dtype`
+    (blip2.precision.vision_plan: LayerNorms fp32, the other parameters in `dtype`; default: as is)."""
+    plan = vision_plan(vision, dtype) if dtype is not None else {}
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(vision.state_dict().items()):
-        t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        t = t.detach().to("cpu", plan.get(name, t.dtype)).contiguous()
         h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, no copy
     return h.hexdigest()
@@ -321,7 +324,9 @@ def _encode_all(vision, images, total: int, tmp: Path, batch_size: int, num_work
         bad.update({k: x for k, x in items if not torch.is_tensor(x)})
         if good:
             pixels = torch.stack([x for _, x in good]).to(param.device, param.dtype)  # (B, 3, S, S)
-            feats = vision(pixels).cpu()  # (B, N, Dv): the encoder alone, ln_vision is trainable
+            # (B, N, Dv): the encoder alone, ln_vision is trainable; in the encoder's dtype (under the precision
+            # policy the encoder returns its output upcast to fp32: the same values)
+            feats = vision(pixels).to(param.dtype).cpu()
             if writer is None:
                 rows = max(1, shard_bytes // (feats[0].numel() * feats.element_size()))
                 writer = _ShardWriter(tmp, rows)

@@ -28,7 +28,7 @@ from .config import RunConfig, save_run_config
 from .fsdp import ddp_ignore, full_state_dict, shard_frozen_llm
 from .optim import build_optimizer, lr_at
 from .pipeline import build_train_data
-from .runtime import amp_settings, seed_everything, setup_distributed
+from .runtime import amp_settings, place_for_training, seed_everything, setup_distributed
 from .state import latest_checkpoint, load_training_state, save_training_state
 from .validate import validate
 
@@ -132,10 +132,7 @@ def _model_on_device(cfg: RunConfig, out_dir: Path, rank: int, device: torch.dev
     seed_everything(cfg.seed)  # the same random init on every rank (FSDP shards are not broadcast)
     model = build_model(cfg, out_dir / ("work" if rank == 0 else f"work-rank{rank}"))
     seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
-    if amp_dtype is not None:  # frozen towers in reduced precision; trainable weights stay fp32 (master)
-        model.vision.to(amp_dtype)
-        if model.llm is not None:
-            model.llm.to(amp_dtype)
+    place_for_training(model, amp_dtype)  # frozen towers in amp_dtype (ViT LayerNorms fp32); trainable fp32
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..dist import init_process_group
+from ..precision import apply_precision
 from .config import RunConfig
 
 
@@ -42,6 +43,16 @@ def amp_settings(cfg: RunConfig, device: torch.device) -> tuple[torch.dtype | No
     if p == "auto":
         p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return (torch.bfloat16, False) if p == "bf16" else (torch.float16, True)
+
+
+def place_for_training(model, amp_dtype: torch.dtype | None) -> None:
+    """The weights' dtypes for a run under autocast in `amp_dtype` (amp_settings), as the original trains
+    (blip2.precision; LAVIS loads the ViT with vit_precision fp16 and the LLM in fp16 / bf16, then trains under
+    torch.cuda.amp.autocast): the frozen ViT in amp_dtype with its LayerNorms fp32, the frozen LLM in amp_dtype,
+    and ln_vision, the Q-Former, queries, projection and every trainable weight (LoRA included) fp32, the
+    master weights. Without autocast (CPU, fp32) nothing changes."""
+    if amp_dtype is not None:
+        apply_precision(model, llm_dtype=amp_dtype, vit_dtype=amp_dtype, trainable_fp32=True)
 
 
 def seed_everything(seed: int) -> None:
