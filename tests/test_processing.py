@@ -371,6 +371,29 @@ def test_t5_prompts_right_padded_with_eos(tok_dirs, tmp_path):
         assert Processor.from_dir(d).padding_side == side
 
 
+def test_retrieval_checkpoint_pads_its_bert_tokenizer_on_the_right(tmp_path):
+    """A checkpoint without an LLM has only the Q-Former's BERT tokenizer; its text embedding is the [CLS] output
+    at position 0, so left padding (the decoder-only default) would make a short caption's embedding read a pad
+    token and depend on the longest caption of its batch."""
+    import blip2
+    from fixtures import make_bert_tokenizer
+    from hf_models import retrieval_hf
+
+    retrieval_hf().save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(make_bert_tokenizer(tmp_path / "_bert", vocab_size=120)).save_pretrained(tmp_path)
+    proc = Processor.from_dir(tmp_path)
+    assert proc.padding_side == "right"
+    model = blip2.load(tmp_path)
+    short, long = "a red circle", "a small red circle and a large blue square"
+    tok = proc.tokenizer
+    ids, mask = (torch.tensor(x) for x in (lambda b: (b["input_ids"], b["attention_mask"]))(
+        tok([short, long], padding=True)))
+    assert ids[0, 0] == tok.cls_token_id and mask[0, -1] == 0
+    alone = tok([short], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_embeds(ids, mask)[0], model.text_embeds(alone["input_ids"])[0])
+
+
 def test_prompt_truncation_keeps_bos_and_the_end(tok_dirs):
     proc = _processor(tok_dirs, "gpt2")
     text = "Question: what is the man riding? Short answer:"

@@ -279,6 +279,19 @@ def _llm_is_encoder_decoder(path: Path, tokenizer) -> bool:
     return "T5" in type(tokenizer).__name__
 
 
+def _has_llm(path: Path) -> bool:
+    """False for a BLIP-2 checkpoint without a language model (config.json of transformers'
+    `Blip2ForImageTextRetrieval`, which still writes a default `text_config`, or with a `qformer_config` and no
+    `text_config`: the retrieval / stage-1 architecture); True otherwise, a bare LLM directory included."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return True
+    cfg = json.loads(cfg_file.read_text())
+    if "Blip2ForImageTextRetrieval" in (cfg.get("architectures") or []):
+        return False
+    return not ("qformer_config" in cfg and not cfg.get("text_config"))
+
+
 def _load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
@@ -364,7 +377,9 @@ class Processor:
         tokenizer = _load_tokenizer(path)
         qformer_dir = path / "qformer_tokenizer"
         qformer_tokenizer = _load_tokenizer(qformer_dir) if _has_tokenizer(qformer_dir) else None
-        side = "right" if _llm_is_encoder_decoder(path, tokenizer) else "left"
+        # left padding is for batched generation by a decoder-only LLM; a retrieval checkpoint's only tokenizer is
+        # the Q-Former's BERT, whose text embedding is the [CLS] output at position 0
+        side = "right" if _llm_is_encoder_decoder(path, tokenizer) or not _has_llm(path) else "left"
         return cls(ImageProcessor.from_dir(path), tokenizer, qformer_tokenizer, padding_side=side)
 
     def save_pretrained(self, path: str | Path) -> None:
