@@ -20,7 +20,7 @@ from ..quantize import QuantizeError, quantize_llm
 from ..stage0 import ImageTextAligner, TagPretrainer
 from ..stage1 import add_decoder_token
 from ..tiny import make_bert_tokenizer, make_gpt2_tokenizer, make_llama_tokenizer, make_t5_tokenizer
-from .config import RunConfig, RunConfigError
+from .config import ModelSection, RunConfig, RunConfigError
 from .objectives import Objective, objective_for
 
 
@@ -78,7 +78,7 @@ def _assembled_config(cfg: RunConfig, objective: type[Objective]) -> Blip2Config
     return Blip2Config.from_dict(d)
 
 
-def _fit_to_tokenizers(bcfg: Blip2Config, m, llm_tok, q_tok) -> None:
+def _fit_to_tokenizers(bcfg: Blip2Config, m: ModelSection, llm_tok, q_tok) -> None:
     """Vocabulary sizes, special ids, the image token and the LLM prefix of `bcfg` made to match the tokenizers."""
     if bcfg.llm is not None and llm_tok is not None:
         hf = bcfg.llm.hf_config

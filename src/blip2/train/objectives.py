@@ -38,7 +38,6 @@ class Objective(torch.nn.Module):
     architectures: tuple[str, ...] = ()  # Blip2Config.architecture values this stage trains (first = default)
     instruction_data = False  # samples carry an instruction (mixture.TaskDataset); data.mixture is allowed
     takes_prompt = False  # data.prompt goes in front of every caption
-    batch_keys: tuple[str, ...] = ()  # the collated batch entries that reach the model
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -85,9 +84,7 @@ class Objective(torch.nn.Module):
 
 
 class _ImageTextObjective(Objective):
-    """Losses the model computes itself from (image, caption) pairs: `model.losses`."""
-
-    batch_keys = ("pixel_values", "input_ids", "attention_mask", "image_ids")
+    """Losses the model computes itself from (image, caption) pairs: `model.losses` (pixels, ids, mask, image ids)."""
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         return self.model.losses(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
@@ -123,7 +120,8 @@ class RepresentationObjective(_ImageTextObjective):
 
 
 class GenerativeObjective(Objective):
-    """Stage 2: language modelling through the frozen LLM (prefix LM for encoder-decoder LLMs, §3.3)."""
+    """Stage 2: language modelling through the frozen LLM (prefix LM for encoder-decoder LLMs, §3.3). Of a
+    collated batch, the `batch_keys` entries reach the model."""
 
     collator_kind = "stage2"
     architectures = ("blip2", "instructblip")
