@@ -3,7 +3,7 @@
     blip2.load(path)                    a transformers-format directory, a `blip2 train` run or a LAVIS .pth
     blip2.load(path, quantize="int8")   the LLM's linear layers quantised while the checkpoint streams in
     blip2.load(path, adapter=DIR)       LoRA adapters (a run's adapter/ directory) applied at load time
-    blip2.from_preset(name)             a public checkpoint's architecture with random weights
+    blip2.from_preset(name)             a public checkpoint's architecture with random weights (or a Blip2Config's)
     blip2.from_bert(bert_dir, vision)   a stage-1 model whose Q-Former starts from a BERT-family checkpoint
 
 This is the layer that builds models from files: the converters below it (checkpoint.py, convert_lavis.py,
@@ -197,8 +197,13 @@ def load_lavis(path: str | Path, config: str | Path | Blip2Config, vit: str | Pa
     return _finish(model, dtype, device)
 
 
-def from_preset(name: str, device=None, dtype=None, **overrides) -> Blip2Model:
-    """A model with a public checkpoint's architecture and random weights (device="meta": no memory)."""
+def from_preset(name: str | Blip2Config, device=None, dtype=None, **overrides) -> Blip2Model:
+    """A model with a public checkpoint's architecture and random weights (device="meta": no memory). `name`
+    is a preset name, or a `Blip2Config` (a preset edited, or one assembled from parts) taken as it is."""
+    if isinstance(name, Blip2Config):
+        if overrides:
+            raise ConfigError(f"from_preset: overrides {sorted(overrides)} apply to a preset name, not a Blip2Config")
+        return Blip2Model.from_config(name, device=device, dtype=dtype)
     return Blip2Model.from_config(Blip2Config.from_preset(name, **overrides), device=device, dtype=dtype)
 
 

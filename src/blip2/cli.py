@@ -1,5 +1,10 @@
 """The `blip2` command line. One entry point; each subcommand is a small typed function whose help text is
-its docstring."""
+its docstring.
+
+The parser is built from torch-free modules (`options`, `prompts`, `protocols`), so `blip2 --help` and a
+mistyped command answer at once; each handler imports the code it runs (torch, transformers, the model) when it
+runs. These are the module's function-level imports, each marked "deferred: ...".
+"""
 
 from __future__ import annotations
 
@@ -9,24 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from . import protocols
-from .api import load
-from .benchmark import run_benchmark
-from .bulk.run import BulkJob, format_summary, label_dataset
-from .demo import run_demo
-from .evaluation import distributed_session, evaluate, markdown_report
-from .info import describe
-from .precision import POLICIES
-from .processing import VQA_TEMPLATE
-from .quantize import SCHEMES
-from .quickstart.run import run_quickstart
-from .serve.app import serve
-from .serve.engine import ServeSettings
-from .train.cache_features import cache_features
-from .train.config import load_run_config
-from .train.loop import train
+from .options import POLICIES, SCHEMES
+from .prompts import VQA_TEMPLATE
 
 
 # every command that takes a model reads it through blip2.checkpoint.find_checkpoint (in blip2.load / describe)
@@ -48,11 +38,17 @@ def _gen_kwargs(a) -> dict:
 
 def load_options(a) -> dict:
     """blip2.load's keyword arguments from the options `add_load_options` adds (every command that loads a model)."""
+    import torch  # deferred: the parser is built without torch (module docstring)
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     return {"dtype": dtype, "device": a.device, "quantize": a.quantize, "adapter": a.adapter, "precision": a.precision}
 
 
 def _load(a):
+    import torch  # deferred: the parser is built without torch (module docstring)
+
+    from .api import load  # deferred: torch and transformers
+
     if a.seed is not None:
         torch.manual_seed(a.seed)
     return load(a.model, **load_options(a))
@@ -68,6 +64,9 @@ def _emit(a, rows: list[dict], key: str) -> None:
 
 def _bulk(a, task: str, question: str | None = None) -> None:
     """`--input` given: label the whole dataset (blip2.bulk.run); under torchrun each process takes its share."""
+    from .bulk.run import BulkJob, format_summary, label_dataset  # deferred: torch (module docstring)
+    from .evaluation import distributed_session  # deferred: torch
+
     with distributed_session(a.device) as a.device:
         model = _load(a)
         workers = a.workers
@@ -132,6 +131,8 @@ def cmd_instruct(a) -> None:
 
 def cmd_info(a) -> None:
     """Describe a checkpoint: architecture, parameters per part, dtype."""
+    from .info import describe  # deferred: torch (module docstring)
+
     info = describe(a.model)
     if a.json:
         print(json.dumps(info, indent=2))
@@ -146,12 +147,17 @@ def cmd_info(a) -> None:
 def cmd_demo(a) -> None:
     """Build a tiny random BLIP-2 (OPT) with a small tokenizer, save it in the transformers format, load it back,
     caption two photos that ship with scikit-image, and check the ids against transformers' own generate."""
+    from .demo import run_demo  # deferred: torch (module docstring)
+
     run_demo(Path(a.output))
 
 
 def cmd_train(a) -> None:
     """Train stage 1, stage 2 or InstructBLIP from a YAML run config; key=value pairs override it
     (e.g. `max_steps=20 optim.lr=3e-4 resume=true`). Works in one process and under torchrun."""
+    from .train.config import load_run_config  # deferred: the training code imports torch (module docstring)
+    from .train.loop import train
+
     cfg = load_run_config(a.config, a.overrides)
     summary = train(cfg)
     print(json.dumps(summary))
@@ -161,6 +167,9 @@ def cmd_cache_features(a) -> None:
     """Run the frozen image encoder once over the training images of a run config and store its outputs
     (sharded safetensors) in data.feature_cache (default OUTPUT/feature_cache); key=value pairs override the
     config. Training with data.feature_cache set and data.augment=false then reads them instead of images."""
+    from .train.cache_features import cache_features  # deferred: torch (module docstring)
+    from .train.config import load_run_config
+
     cfg = load_run_config(a.config, a.overrides)
     print(cache_features(cfg))
 
@@ -169,6 +178,9 @@ def cmd_eval(a) -> None:
     """Evaluate a checkpoint on a benchmark: captioning (BLEU, METEOR, ROUGE-L, CIDEr), VQA (VQAv2 accuracy / exact
     match), image-text retrieval (recall@K) or multiple choice (likelihood ranking). Batched; under torchrun the
     items are split across processes. Writes predictions.json, metrics.json and metrics.md to --output."""
+    from .benchmark import run_benchmark  # deferred: torch (module docstring)
+    from .evaluation import distributed_session, evaluate, markdown_report
+
     if a.list:
         print(protocols.table())
         return
@@ -200,6 +212,8 @@ def cmd_quickstart(a) -> None:
     image encoder), stage 1, stage 2, instruction tuning, evaluation and linear probes (with --ablations, also the
     two ablations); writes report.md / report.json and pictures to --output. Rerunning skips finished steps and
     resumes an interrupted one."""
+    from .quickstart.run import run_quickstart  # deferred: torch (module docstring)
+
     run_quickstart(a.output, smoke=a.smoke, configs=a.configs, progress=not a.no_progress, ablations=a.ablations,
                    seed=a.seed)
 
@@ -212,6 +226,9 @@ def cmd_serve(a) -> None:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise ImportError(f"blip2 serve needs fastapi and uvicorn (pip install 'blip2[serve]'): {e}") from None
+    from .serve.app import serve  # deferred: torch (module docstring)
+    from .serve.engine import ServeSettings
+
     settings = ServeSettings(
         model_name=a.name or Path(a.model).name, max_batch_rows=a.max_batch_size, max_wait_ms=a.max_wait_ms,
         max_pending=a.max_pending, max_body_bytes=a.max_body_mb * 2**20, max_image_pixels=a.max_image_pixels,

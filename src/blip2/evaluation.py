@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from . import dist, metrics
 from .annotations import READERS, as_list, caption_rows, split_rows, vqa_row
-from .processing import VQA_TEMPLATE, pad_ids, pre_caption, pre_question
+from .processing import pad_ids
+from .prompts import VQA_TEMPLATE, pre_caption, pre_question
 from .retrieval import score_matrix
 from .sources import ImageReader, open_source, table_files, table_rows
 

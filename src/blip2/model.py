@@ -25,7 +25,7 @@ from . import checkpoint, heads, losses
 from .config import Blip2Config
 from .generation import GenerationConfig, generate
 from .lora import lora_train_mode
-from .processing import CAPTION_INSTRUCTION, VQA_TEMPLATE
+from .prompts import CAPTION_INSTRUCTION, VQA_TEMPLATE
 from .protocols import original_generation
 from .qformer import QFormer
 from .qformer_caption import qformer_generate

@@ -26,8 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-POLICIES = ("auto", "original", "cast")
+from .options import POLICIES
 
 
 def resolve_policy(policy: str, dtype: torch.dtype | None, device=None) -> str:

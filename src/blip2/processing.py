@@ -24,7 +24,6 @@ visual vectors in front of the text itself.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -34,9 +33,9 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AutoTokenizer
 
-# The prompts (BLIP-2 paper §4.1: the zero-shot VQA prompt; InstructBLIP paper: the captioning instruction)
-VQA_TEMPLATE = "Question: {} Short answer:"
-CAPTION_INSTRUCTION = "A short image caption:"
+# the prompts and the text cleaning live in blip2.prompts; named here too for the callers that read them with
+# the processing code (blip2.quickstart, tests)
+from .prompts import CAPTION_INSTRUCTION, VQA_TEMPLATE, pre_caption, pre_question  # noqa: F401
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -298,29 +297,6 @@ def _load_tokenizer(path: Path):
     except Exception as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise ValueError(f"cannot load the tokenizer in {path}: {reason}") from None
-
-
-# ------------------------------------------------------------------------------------------------ text
-# LAVIS's caption/question cleaning drops these characters (commas, apostrophes, '?', '-' are kept).
-_DROPPED_PUNCT = re.compile(r'[.!"()*#:;~]')
-
-
-def _cap_words(text: str, max_words: int | None) -> str:
-    words = text.split()  # also collapses runs of spaces, tabs and newlines
-    if max_words is not None:
-        words = words[:max_words]
-    return " ".join(words)
-
-
-def pre_caption(caption: str, max_words: int | None = 50) -> str:
-    """Lowercase, replace . ! " ( ) * # : ; ~ by spaces, collapse whitespace, keep the first max_words words.
-    An empty result means the caption had no words (the data code skips such samples)."""
-    return _cap_words(_DROPPED_PUNCT.sub(" ", caption.lower()), max_words)
-
-
-def pre_question(question: str, max_words: int | None = 50) -> str:
-    """Like pre_caption, but the punctuation is deleted rather than replaced ("what's this?" keeps its '?')."""
-    return _cap_words(_DROPPED_PUNCT.sub("", question.lower()), max_words)
 
 
 def pad_ids(seqs: Sequence[list[int]], value: int, side: str = "right",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .processing import pre_question
+from .prompts import pre_question
 
 LAVIS = "LAVIS lavis/"
 # The architecture keys a protocol's settings are given for: (architecture, LLM family)

@@ -28,8 +28,8 @@ import torch.nn as nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from .int8 import Int8Linear, calibrate
+from .options import SCHEMES
 
-SCHEMES = ("int8", "int8-dynamic", "int8-weight-only", "int4", "bnb-int8", "bnb-nf4")
 _ALIASES = {"nf4": "bnb-nf4", "int8-wo": "int8-weight-only", "bnb-4bit": "bnb-nf4", "bnb-8bit": "bnb-int8"}
 _CUDA_ONLY = ("bnb-int8", "bnb-nf4")
 _CPU_ALTERNATIVE = "on CPU use quantize='int8'"

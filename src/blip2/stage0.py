@@ -55,11 +55,9 @@ def locked_text_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
 
 @dataclass
 class Stage0Config:
-    """What the training pipeline reads from a model's `cfg`."""
+    """A stage-0 model's settings: the image encoder's (what the data pipeline reads for the image size)."""
 
     vision: VisionConfig
-    architecture: str = "stage0"
-    is_encoder_decoder: bool = False
 
 
 class ImageTextAligner(nn.Module):
@@ -93,7 +91,6 @@ class ImageTextAligner(nn.Module):
         self.proj = nn.Linear(D, E)
         self.text_proj = nn.Linear(E, E) if self.text_trainable else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.llm = None  # (the training loop's precision code looks for it)
         self.processor = None
         self._text_cache: dict[tuple[int, ...], torch.Tensor] = {}  # frozen encoder: one pass per distinct text
 
@@ -183,7 +180,6 @@ class TagPretrainer(nn.Module):
         self.tags = list(tags) if tags is not None else [str(t) for t in self.tag_ids]
         D = self.vision.hidden_size
         self.head = nn.Linear(2 * D, len(self.tag_ids))
-        self.llm = None
         self.processor = None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from .. import dist
 from ..files import write_text_atomic
-from ..processing import VQA_TEMPLATE, load_image
+from ..processing import load_image
+from ..prompts import VQA_TEMPLATE
 from .ledger import Ledger, failed_file, keys_digest, merge, parts_folder
 from ..sources import ImageReader, Item, open_source
 

@@ -22,6 +22,7 @@ Why a request gets the ids it gets alone:
     (attention mask) while each row keeps its own position ids (= its own length): a masked key adds an exact
     0 to the softmax. What can still differ is the float rounding of a batched matmul vs a single-row one;
     the tests check that the ids are equal (the standard the batch-at-once engine is held to).
+A request's own state (rows, search, progress, prefill cache) is a `sequence.StepSequence`.
 The cache lives in one transformers DynamicCache whose layers' key / value tensors [N, H, W, d] are re-made
 when a request joins (concatenated, padded on the left) or rows leave / beams reorder (one index_select).
 Each row's real length is kept as a Python int (its keys are the last ones of the W columns), so the
@@ -37,94 +38,16 @@ import time
 
 import torch
 
-from ..generation import GenerationConfig, new_dynamic_cache, special_tokens
-from ..search import make_search, plain_greedy
+from ..generation import new_dynamic_cache
 from ..processing import pad_ids
 from .batching import Batcher, Job
-from .engine import Engine, Progress, Settled
+from .engine import Engine
+from .sequence import StepSequence, batch_rows, left_pad, supports_steps
 from .vcache import VisualCache
 
 __all__ = ["ContinuousBatcher"]
 
 log = logging.getLogger("blip2.serve")
-
-
-def supports_steps(engine: Engine) -> bool:
-    """Can the engine's LLM be stepped by the continuous batcher (decoder-only, explicit position ids,
-    no sliding-window layers)?"""
-    m = engine.model
-    if m.llm is None or m.cfg.is_encoder_decoder:
-        return False
-    cfg = m.llm.config.get_text_config(decoder=True)
-    full = all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
-    return ("position_ids" in inspect.signature(m.llm.forward).parameters and full
-            and not getattr(cfg, "sliding_window", None))
-
-
-class _Sequence:
-    """One request in the step loop: its rows, search, progress, and (while prefilling) its own cache.
-
-    A plain one (one row, greedy, no logits processing: blip2.search.plain_greedy) has no search object: the
-    step takes its token from one argmax over all rows' logits (`take`)."""
-
-    def __init__(self, job: Job, engine: Engine, embeds: torch.Tensor):
-        p, dec = job.payload, job.key[2]
-        self.job, self.n = job, dec.n
-        self.rows = max(dec.num_beams, dec.n)  # rows in the batch (beams or samples)
-        lm = engine.model.llm
-        hf = lm.config
-        gen = dict(max_new_tokens=p.max_tokens, num_beams=dec.num_beams, num_return_sequences=dec.n,
-                   eos_token_id=sorted(engine.eos),
-                   pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id)
-        if dec.do_sample:
-            gen.update(do_sample=True, temperature=dec.temperature, top_p=dec.top_p, top_k=dec.top_k,
-                       generator=torch.Generator(device=embeds.device).manual_seed(p.seed))
-        cfg = GenerationConfig(**gen)
-        self.plain = self.rows == 1 and plain_greedy(cfg)
-        self.search = None
-        if not self.plain:
-            eos, pad, _ = special_tokens(lm, cfg, False)
-            # the server has no repetition penalty: the search needs no prompt history
-            history = torch.empty(self.rows, 0, dtype=torch.long, device=embeds.device)
-            self.search = make_search(cfg, 1, eos, pad, history)
-        self.t, self.max_tokens = 0, p.max_tokens  # tokens generated so far (plain)
-        self.progress = Progress(engine, [job], dec.n)
-        self.embeds = embeds.repeat_interleave(self.rows, 0) if self.rows > 1 else embeds  # (rows, L, D)
-        self.length = self.embeds.shape[1]
-        self.done_prefill = 0
-        self.cache = new_dynamic_cache(lm)
-        self.tokens: torch.Tensor | None = None  # the tokens to feed at the next step (rows,), until it joins
-        self.finished = False
-
-    def take(self, token: int) -> None:
-        """A plain sequence's next token (the argmax of its logits)."""
-        t, self.t = self.t, self.t + 1
-        try:
-            self.progress.add([token], t)  # streams text, answers at EOS / max_tokens
-        except Settled:
-            self.finished = True
-        if self.t >= self.max_tokens and not self.job.settled:  # Progress answers at max_tokens: a safety net
-            self.progress.finish(None)
-        self.finished = self.finished or self.job.settled
-
-    def observe(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Pick the next tokens from this request's logits [rows, V]; the rows' reorder (None: keep)."""
-        if self.plain:
-            self.tokens = logits.argmax(-1)
-            self.take(int(self.tokens[0]))
-            return None
-        tokens, rows = self.search.step(logits)
-        try:
-            if self.search.cfg.num_beams == 1:
-                self.progress.step(tokens, self.search.t - 1)  # streams text, answers at EOS / max_tokens
-        except Settled:
-            self.finished = True
-        if self.search.done:
-            self.finished = True
-            if not self.job.settled:
-                self.progress.finish(self.search.result())
-        self.tokens = tokens
-        return rows
 
 
 class ContinuousBatcher(Batcher):
@@ -149,8 +72,8 @@ class ContinuousBatcher(Batcher):
         if "logits_to_keep" in params:
             self._kw["logits_to_keep"] = 1
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers' newer name
-        self._prefilling: list = []  # jobs waiting for their prefill, then (from its start) _Sequences
-        self._running_seqs: list[_Sequence] = []
+        self._prefilling: list = []  # jobs waiting for their prefill, then (from its start) StepSequences
+        self._running_seqs: list[StepSequence] = []
         # The running rows: their DynamicCache [N, H, W, d], each row's real length (its keys are the last
         # `lens[i]` of the W columns, left padding before them), the same [N] on the device (the position of the
         # next fed token), and the tokens [N] to feed at the next step.
@@ -200,7 +123,7 @@ class ContinuousBatcher(Batcher):
                     if batch is None:
                         continue
                     return batch, []
-                rows = sum(_rows(s) for s in self._running_seqs + self._prefilling)
+                rows = sum(batch_rows(s) for s in self._running_seqs + self._prefilling)
                 if busy and self._queue and self.max_batch_rows - rows < self._waiting():
                     return None, []  # a full batch: admissions wait until a group of them fits
                 admitted = []
@@ -212,7 +135,7 @@ class ContinuousBatcher(Batcher):
                                 self._queue.remove(j)
                             return batch, []
                         break
-                    need = _rows(job)
+                    need = batch_rows(job)
                     if (busy or admitted) and rows + need > self.max_batch_rows:
                         break  # first come, first served: a large request is not overtaken
                     self._queue.remove(job)
@@ -228,7 +151,7 @@ class ContinuousBatcher(Batcher):
         for job in self._queue:
             if not self._steppable(job) or queued >= self.admit_group:
                 break
-            queued += _rows(job)
+            queued += batch_rows(job)
         return min(queued, self.admit_group)
 
     def _loop(self) -> None:
@@ -269,7 +192,7 @@ class ContinuousBatcher(Batcher):
                 job.fail(RuntimeError("the batch ended without a result for this request"))
             self._release(job)
 
-    def _admit(self, job: Job, vis: torch.Tensor | None = None) -> _Sequence | None:
+    def _admit(self, job: Job, vis: torch.Tensor | None = None) -> StepSequence | None:
         """Visual prompt [P, D] (given, cached or computed) + embedded prompt -> a sequence ready for its prefill
         (None: the job failed, alone)."""
         try:
@@ -280,7 +203,7 @@ class ContinuousBatcher(Batcher):
                 hf = m.llm.config
                 ids = [hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id]
             embeds = m.llm_inputs_embeds(vis[None], torch.tensor([ids], device=m.device))  # (1, L, D)
-            return _Sequence(job, self.engine, embeds)
+            return StepSequence(job, self.engine, embeds)
         except Exception as e:  # noqa: BLE001 - this request fails alone
             job.fail(e)
             self._settle([job])
@@ -369,12 +292,12 @@ class ContinuousBatcher(Batcher):
                 else:
                     self._join([seq], seq.cache, [seq.length] * seq.rows, seq.length)
 
-    def _prefill_group(self, group: list[_Sequence]) -> None:
+    def _prefill_group(self, group: list[StepSequence]) -> None:
         """One prefill for several one-row prompts, left-padded with masks and mask-derived positions exactly as
         the batch-at-once engine prefills a batch; then they join the running batch."""
         lm, W = self.engine.model.llm, max(s.length for s in group)
-        embeds = torch.cat([_left_pad(s.embeds, W, dim=1) for s in group])  # (G, W, D)
-        mask = torch.cat([_left_pad(torch.ones(1, s.length, dtype=torch.long, device=embeds.device), W, dim=1)
+        embeds = torch.cat([left_pad(s.embeds, W, dim=1) for s in group])  # (G, W, D)
+        mask = torch.cat([left_pad(torch.ones(1, s.length, dtype=torch.long, device=embeds.device), W, dim=1)
                           for s in group])  # (G, W)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' positions for a padded batch
         cache = new_dynamic_cache(lm)
@@ -405,12 +328,12 @@ class ContinuousBatcher(Batcher):
             cache.reorder_cache(torch.tensor(keep, device=embeds.device))
         self._join([group[i] for i in keep], cache, [group[i].length for i in keep], W)
 
-    def _drop_prefilling(self, seq: _Sequence) -> None:
+    def _drop_prefilling(self, seq: StepSequence) -> None:
         with self._cond:
             self._prefilling.remove(seq)
         self._settle([seq.job])
 
-    def _join(self, seqs: list[_Sequence], cache, lens: list[int], width: int) -> None:
+    def _join(self, seqs: list[StepSequence], cache, lens: list[int], width: int) -> None:
         """Add prefilled sequences, their cache [rows, H, width, d] (row i's real keys: its last lens[i]) and
         their next tokens, to the running batch, left-padding the narrower of the two."""
         tokens = torch.cat([s.tokens for s in seqs])  # (rows,)
@@ -420,8 +343,8 @@ class ContinuousBatcher(Batcher):
         else:
             w = max(self._width, width)
             for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, w), _left_pad(theirs.keys, w)], 0)
-                mine.values = torch.cat([_left_pad(mine.values, w), _left_pad(theirs.values, w)], 0)
+                mine.keys = torch.cat([left_pad(mine.keys, w), left_pad(theirs.keys, w)], 0)
+                mine.values = torch.cat([left_pad(mine.values, w), left_pad(theirs.values, w)], 0)
             self._pos, self._next = torch.cat([self._pos, pos]), torch.cat([self._next, tokens])
             self._lens, self._width = self._lens + list(lens), w
         for seq in seqs:
@@ -491,21 +414,3 @@ class ContinuousBatcher(Batcher):
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self._width -= first
-
-
-def _rows(item) -> int:
-    """Batch rows of a job or sequence: its beams or samples."""
-    if isinstance(item, _Sequence):
-        return item.rows
-    dec = item.key[2]
-    return max(dec.num_beams, dec.n)
-
-
-def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zero-pad x on the left along `dim` to `width` (keys / values [N, H, W, d]: dim 2; masks [N, W]: dim 1)."""
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim)

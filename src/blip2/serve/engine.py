@@ -26,7 +26,8 @@ import torch
 
 from ..generation import GenerationConfig
 from ..heads import pair_similarity
-from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE, pad_ids
+from ..processing import pad_ids
+from ..prompts import CAPTION_INSTRUCTION, VQA_TEMPLATE
 from ..qformer_caption import qformer_generate
 from .batching import Job
 

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from .. import dist
-from ..processing import pre_caption, pre_question
+from ..prompts import pre_caption, pre_question
 from ..sources import ImageReader, open_source
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """`blip2 train`: the training loop, visible in one function (`train`).
 
-Stage 1 (ITC + ITM + ITG), stage 2 (LM loss through the frozen LLM) and instruction tuning share it: each stage
-is a small objective returning named losses. One plain process, or `torchrun` with DDP (gloo on CPU, NCCL on
+Stage 0 (the image encoder), stage 1 (ITC + ITM + ITG), stage 2 (LM loss through the frozen LLM) and
+instruction tuning share it: each stage is a small objective returning named losses (`objectives.py`), which the
+loop asks what to keep in reduced precision, what FSDP may shard and what to export. One plain process, or `torchrun` with DDP (gloo on CPU, NCCL on
 GPU). Per-step warmup + cosine, gradient accumulation, clipping, bf16/fp16 autocast on GPU with fp32 master
 weights, atomic checkpoints with exact resume, NaN/inf steps skipped and counted.
 """
@@ -18,14 +19,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..checkpoint import save_pretrained
-from ..convert_lavis import save_lavis
-from ..files import atomic_dir
-from ..lora import lora_parts, merge_lora, save_adapters
-from ..quantize import dequantize_llm
 from .build import build_model
 from .config import RunConfig, save_run_config
 from .fsdp import ddp_ignore, full_state_dict, shard_frozen_llm
+from .objectives import Objective, objective_for
 from .optim import build_optimizer, lr_at
 from .pipeline import build_train_data
 from .runtime import amp_settings, place_for_training, seed_everything, setup_distributed
@@ -35,23 +32,6 @@ from .validate import validate
 
 class TrainingAborted(RuntimeError):
     pass
-
-
-class Objective(torch.nn.Module):
-    """The stage's loss as a module, so DDP sees a forward: batch -> {"loss", named losses...}."""
-
-    def __init__(self, model, stage: str):
-        super().__init__()
-        self.model, self.stage = model, stage
-
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        if self.stage in ("stage0", "stage1"):
-            return self.model.losses(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                     image_ids=batch.get("image_ids"), generator=generator)
-        keys = ("pixel_values", "input_ids", "attention_mask", "labels", "qformer_input_ids",
-                "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask")
-        out = self.model(**{k: batch[k] for k in keys if k in batch}, loss_only=True)
-        return {"lm_loss": out.loss, "loss": out.loss}
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -70,8 +50,9 @@ def train(cfg: RunConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, out_dir / "config.yaml")
     amp_dtype, use_scaler = amp_settings(cfg, device)
-    model = _model_on_device(cfg, out_dir, rank, device, amp_dtype)
-    runner, ignored = _runner(Objective(model, cfg.stage), cfg, world, device)
+    objective = _objective_on_device(cfg, out_dir, rank, device, amp_dtype)
+    model = objective.model
+    runner, ignored = _runner(objective, cfg, world, device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     data = build_train_data(cfg, model, rank, world)
@@ -115,7 +96,7 @@ def train(cfg: RunConfig) -> dict:
     summary = {"steps": cfg.max_steps, **counters, "wall_time_s": round(time.perf_counter() - t_start, 2),
                "world_size": world}
     if is_main:
-        _export(cfg, model, out_dir, full_state, summary)
+        _export(cfg, objective, out_dir, full_state, summary)
         if cfg.plots:
             _plot(metrics_path, out_dir / "loss.png")
         if writer is not None:
@@ -127,25 +108,26 @@ def train(cfg: RunConfig) -> dict:
     return summary
 
 
-def _model_on_device(cfg: RunConfig, out_dir: Path, rank: int, device: torch.device, amp_dtype):
-    """The run's model, in training mode on `device`; frozen towers in reduced precision, trainable weights fp32."""
+def _objective_on_device(cfg: RunConfig, out_dir: Path, rank: int, device: torch.device, amp_dtype) -> Objective:
+    """The stage's objective around the run's model, in training mode on `device`; frozen towers in reduced
+    precision, trainable weights fp32."""
     seed_everything(cfg.seed)  # the same random init on every rank (FSDP shards are not broadcast)
     model = build_model(cfg, out_dir / ("work" if rank == 0 else f"work-rank{rank}"))
     seed_everything(cfg.seed + rank)  # per-rank seeding: dropout differs across ranks, as it should
+    objective = objective_for(cfg.stage)(model)
     place_for_training(model, amp_dtype)  # frozen towers in amp_dtype (ViT LayerNorms fp32); trainable fp32
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.train()
-    return model
+    return objective
 
 
 def _runner(objective: Objective, cfg: RunConfig, world: int, device: torch.device):
     """(what a step calls: the objective, DDP-wrapped in several processes; the names FSDP shards)."""
-    model = objective.model
     ignored: list[str] = []
-    if cfg.fsdp and world > 1 and model.llm is not None:
-        ignored = shard_frozen_llm(model, device)
+    if cfg.fsdp and world > 1 and objective.frozen_llm() is not None:
+        ignored = shard_frozen_llm(objective.model, device)
     if world == 1:
         return objective, ignored
     if ignored:  # DDP replicates the trainable parts; the sharded frozen LLM is FSDP's
@@ -240,20 +222,10 @@ def _log(row: dict, loss: float, metrics_path: Path, writer, bar) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
 
 
-def _export(cfg: RunConfig, model, out_dir: Path, full_state, summary: dict) -> None:
-    """The trained model (transformers format + LAVIS layout; stage 0: the image encoder) and summary.json."""
-    model.eval()
-    if cfg.stage == "stage0":  # the image encoder alone, for the next stages' model.vit_path
-        model.export(out_dir / "model")
-    else:
-        if lora_parts(model):  # the adapters alone (PEFT format), then merged into the exported model
-            with atomic_dir(out_dir / "adapter") as tmp:
-                save_adapters(model, tmp)
-            merge_lora(model)
-            if cfg.lora.quantize:  # QLoRA: the 4-bit LLM (adapters merged) written in full precision
-                dequantize_llm(model)
-        save_pretrained(model, out_dir / "model", state=full_state)  # the transformers format
-        save_lavis(model, out_dir / "model_lavis.pth")  # the LAVIS layout (keeps the Q-Former LM head)
+def _export(cfg: RunConfig, objective: Objective, out_dir: Path, full_state, summary: dict) -> None:
+    """What the stage keeps (its objective says: the whole model, or stage 0's image encoder) and summary.json."""
+    objective.model.eval()
+    objective.export(cfg, out_dir, full_state)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -14,6 +14,7 @@ from .config import RunConfig, RunConfigError
 from .data import CaptionDataset, ResumableSampler, ShardDataset, TableDataset, VQADataset
 from .feature_cache import open_feature_store
 from .mixture import MixtureDataset, TaskDataset
+from .objectives import objective_for
 from .synthetic import resolve_annotations
 from .transforms import EvalTransform, TrainTransform
 
@@ -32,7 +33,7 @@ def _is_table(spec) -> bool:
 
 
 def _annotation_dataset(task: str, spec, image_root):
-    if task in ("caption", "stage1", "stage2"):
+    if task == "caption":
         return CaptionDataset(spec, image_root=image_root)
     if task in ("vqa", "qgen"):
         return VQADataset(spec, image_root=image_root)
@@ -43,7 +44,7 @@ class TrainData:
     """`next_batch()` gives collated batches forever (epochs roll over); `state_dict()` is the resume point."""
 
     def __init__(self, cfg: RunConfig, model, rank: int, world: int):
-        d = cfg.data
+        d, objective = cfg.data, objective_for(cfg.stage)
         work_dir = Path(cfg.output_dir) / "work"
         size = d.image_size or model.cfg.vision.image_size
         ip = ImageProcessor(image_size=size)
@@ -54,15 +55,14 @@ class TrainData:
                 raise RunConfigError("data.feature_cache holds the encoder outputs of un-augmented images: "
                                      "set data.augment=false to use it, or unset data.feature_cache")
             features = open_feature_store(d.feature_cache, model, size)
-        max_len = d.max_text_len if cfg.stage != "instruct" else max(d.max_text_len, 128)
-        kind = "stage1" if cfg.stage == "stage0" else cfg.stage  # stage 0 reads (image, caption) pairs too
-        self.collator = Collator(kind, model.processor, encoder_decoder=model.cfg.is_encoder_decoder,
-                                 image_transform=transform, prompt=d.prompt if cfg.stage == "stage2" else None,
-                                 max_len=max_len, seed=cfg.seed, image_features=features)
+        self.collator = Collator(objective.collator_kind, model.processor,
+                                 encoder_decoder=objective.encoder_decoder(model), image_transform=transform,
+                                 prompt=d.prompt if objective.takes_prompt else None,
+                                 max_len=objective.max_text_len(d), seed=cfg.seed, image_features=features)
         self.batch_size, self.epoch, self.sampler, self.seed = d.batch_size, 0, None, cfg.seed
         if d.mixture:
-            if cfg.stage != "instruct":
-                raise RunConfigError("data.mixture is for stage: instruct")
+            if not objective.instruction_data:
+                raise RunConfigError(f"data.mixture is for stage: instruct (instruction data), not {cfg.stage}")
             tasks = []
             for entry in d.mixture:
                 unknown = set(entry) - {"name", "path", "task", "weight", "image_root"}
@@ -82,7 +82,7 @@ class TrainData:
         elif _is_shards(d.train):
             self.dataset = ShardDataset(d.train, seed=cfg.seed, rank=rank, world=world)
         elif _is_table(d.train):
-            if cfg.stage == "instruct" or d.task != "caption":
+            if objective.instruction_data or d.task != "caption":
                 raise RunConfigError(f"data.train {d.train}: tables give image-caption pairs (data.task: caption, "
                                      "stages 0-2)")
             self.dataset = TableDataset(d.train, image_column=d.image_column, text_column=d.text_column)
@@ -91,8 +91,8 @@ class TrainData:
             if d.train is None:
                 raise RunConfigError("data.train: give an annotation file, shards, or a data.mixture")
             path, root = resolve_annotations(d.train, d.image_root, work_dir, size)
-            raw = _annotation_dataset(d.task if cfg.stage not in ("stage0", "stage1") else "caption", path, root)
-            self.dataset = TaskDataset(raw, d.task, seed=cfg.seed) if cfg.stage == "instruct" else raw
+            raw = _annotation_dataset(objective.data_task(d), path, root)
+            self.dataset = TaskDataset(raw, d.task, seed=cfg.seed) if objective.instruction_data else raw
             if len(self.dataset) < self.batch_size * world:
                 raise RunConfigError(f"data.train has {len(self.dataset)} samples, fewer than one global batch "
                                      f"({self.batch_size} x {world} processes)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..evaluation import evaluate
 from .config import RunConfig, RunConfigError
+from .objectives import objective_for
 from .synthetic import resolve_annotations
 
 
@@ -16,7 +17,7 @@ def validate(cfg: RunConfig, model) -> dict:
         raise RunConfigError("val_every is set but data.val is not: give a validation annotation file")
     size = d.image_size or model.cfg.vision.image_size
     path, root = resolve_annotations(d.val, d.val_image_root or d.image_root, Path(cfg.output_dir) / "work", size)
-    task = d.val_task or ("retrieval" if cfg.stage == "stage1" else ("vqa" if d.task == "vqa" else "caption"))
+    task = d.val_task or objective_for(cfg.stage).val_task(d)
     kw = {"k": 16} if task == "retrieval" else {"generation": {"num_beams": 1}}
     if d.val_prompt and task in ("caption", "vqa"):  # a caption prompt, or a VQA template with "{}"
         kw["prompt" if task == "caption" else "template"] = d.val_prompt
