@@ -102,7 +102,7 @@ def vqa_agreement(models: dict, quickstart: Path, work: Path) -> dict:
     """Greedy answers of each model ("fp32" and schemes) on the quickstart's held-out VQA questions, scored by
     `blip2 eval`'s code; agreement and accuracy change of each scheme against fp32."""
     from blip2.evaluation import evaluate
-    from blip2.processing import VQA_TEMPLATE
+    from blip2.prompts import VQA_TEMPLATE
 
     world, data = quickstart / "world", quickstart / "eval" / "vqa_test.json"  # what the quickstart evaluated
     gen = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 1}  # the quickstart's VQA decoding

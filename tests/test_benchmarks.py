@@ -16,7 +16,7 @@ from blip2 import benchmark, cli, protocols
 from blip2.benchmark_files import read
 from blip2.evaluation import choice_scores
 from blip2.metrics import normalize_vqa_answer
-from blip2.processing import pre_question
+from blip2.prompts import pre_question
 from fixtures import corpus_lines, make_bert_tokenizer, one_torch_thread, random_pil, sample_image
 from hf_models import checkpoint_with_processor, retrieval_hf
 

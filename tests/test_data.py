@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from blip2 import tiny
-from blip2.processing import ImageProcessor, Processor, pre_caption, pre_question
+from blip2.processing import ImageProcessor, Processor
+from blip2.prompts import pre_caption, pre_question
 from blip2.train.collate import Collator
 from blip2.train.data import CaptionDataset, InstructionDataset, ResumableSampler, VQADataset, seeded_rng
 from blip2.train.transforms import TrainTransform

@@ -11,7 +11,7 @@ import blip2
 from blip2.data import shapes
 from blip2.data.shapes import Obj, Scene
 from blip2.data.world import write_world
-from blip2.processing import pre_question
+from blip2.prompts import pre_question
 from blip2.quickstart import probes
 from blip2.quickstart.probes import (LABELS, answer_probe_report, answer_probe_table, chance_accuracy,
                                      encoder_features, exact_set_accuracy, linear_probe, pixel_features,

@@ -8,7 +8,7 @@ import pytest
 
 from blip2.data.scoring import caption_attribute_accuracy, caption_attribute_score, describes, mentioned_objects
 from blip2.data.shapes import Obj, Scene, all_captions, captions, sample_scene
-from blip2.processing import pre_caption
+from blip2.prompts import pre_caption
 
 # A large red circle in the top left cell, a small orange diamond right of it and one row lower:
 # the circle is both left of and above the diamond.

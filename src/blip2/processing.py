@@ -33,10 +33,6 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AutoTokenizer
 
-# the prompts and the text cleaning live in blip2.prompts; named here too for the callers that read them with
-# the processing code (blip2.quickstart, tests)
-from .prompts import CAPTION_INSTRUCTION, VQA_TEMPLATE, pre_caption, pre_question  # noqa: F401
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

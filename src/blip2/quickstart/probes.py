@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..api import load
 from ..data.shapes import COLOURS, SHAPES, Scene
-from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE, pre_question
+from ..prompts import CAPTION_INSTRUCTION, VQA_TEMPLATE, pre_question
 from .tables import pct, table
 
 LABELS = ("colours", "shapes", "pairs", "count")

@@ -32,7 +32,7 @@ from ..data.world import write_world
 from ..evaluation import evaluate
 from ..files import write_text_atomic
 from ..pretrained import minilm_dir, smollm2_dir
-from ..processing import CAPTION_INSTRUCTION, VQA_TEMPLATE
+from ..prompts import CAPTION_INSTRUCTION, VQA_TEMPLATE
 from ..train.cache_features import cache_features
 from ..train.config import load_run_config, merge, parse_overrides, shipped_configs
 from ..train.loop import train
@@ -46,7 +46,7 @@ SMOKE_OUTPUT = "runs/quickstart-smoke"
 # world sizes and evaluation sizes; training sizes live in the configs (smoke overrides below)
 SIZES = {
     "default": {"world": {"n_train": 3000, "n_val": 100, "n_test": 200, "per_shard": 500},
-                "vqa_per_family": 60, "caption_images": 200, "gallery": 8, "answer_probe_train": 1500},
+                "vqa_per_family": 60, "caption_images": 200, "gallery": 8, "answer_probe_train": 1000},
     "smoke": {"world": {"n_train": 64, "n_val": 8, "n_test": 16, "per_shard": 32},
               "vqa_per_family": 4, "caption_images": 8, "gallery": 4, "answer_probe_train": 64},
 }
