@@ -298,6 +298,75 @@ def _add_bulk(p: argparse.ArgumentParser, questions: bool) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    """`blip2 eval`: a generic task or a benchmark protocol, and the generation settings."""
+    p.add_argument("--task", default=None, choices=["caption", "vqa", "retrieval", "choice"],
+                   help="a generic task on custom data")
+    p.add_argument("--benchmark", default=None, choices=list(protocols.PROTOCOLS),
+                   help="a paper benchmark under its protocol (--list shows them; --data takes its official files "
+                        "in the order listed there)")
+    p.add_argument("--list", action="store_true", help="print the benchmark protocols and exit")
+    p.add_argument("--data", default=None, nargs="+", type=Path,
+                   help="annotation file; for VQAv2 the questions file and the annotations file")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: the annotation file's folder)")
+    p.add_argument("--output", type=Path, default=None, help="result folder (default runs/eval/TASK)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N entries")
+    p.add_argument("--prompt", default=None, help='caption: text the caption continues, e.g. "a photo of"')
+    p.add_argument("--template", default=None, help='vqa / choice: question template (default '
+                                                      f'"{VQA_TEMPLATE}")')
+    p.add_argument("--k", type=int, default=128, help="retrieval: candidates per row re-ranked with ITM")
+    p.add_argument("--fold-size", type=int, default=None,
+                   help="retrieval benchmarks: images per fold of the fold-averaged breakdown (default: the "
+                        "protocol's, coco-retrieval 1000 = COCO 1k; 0: none, half the work)")
+    p.add_argument("--reduce", choices=["mean", "sum"], default="sum",
+                   help="choice: rank by the sum (the original's) or the mean of the choice's token log-probabilities")
+    p.add_argument("--keep-questions", action="store_true",
+                   help="vqa: ask the questions as written (default: cleaned as the original's eval and our VQA "
+                        "training data: lower case, . ! \" ( ) * # : ; ~ removed)")
+    p.add_argument("--normalize-answers", action="store_true",
+                   help="vqa: normalise ground-truth answers fully (raw answers), not only as the official tool does")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    _add_model(p, required=False)  # not for --list
+    g = p.add_argument_group("generation (caption / vqa; defaults per task: LAVIS lavis/projects/blip2/eval/*.yaml; "
+                             "per benchmark: its protocol)")
+    for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--min-new-tokens", int),
+                       ("--length-penalty", float), ("--repetition-penalty", float)):
+        g.add_argument(flag, type=kind, default=None)
+    g.add_argument("--repetition-context", choices=["generated", "prompt+generated"], default=None,
+                   help="tokens the repetition penalty sees: the original's (generated) or transformers' (with prompt)")
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    """`blip2 serve`: the model, the HTTP server, the limits and the engine."""
+    p.add_argument("--model", required=True, help=MODEL_HELP + " (with tokenizer files)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="model id reported by the API (default: the directory name)")
+    add_load_options(p)
+    p.add_argument("--max-batch-size", type=int, default=8, help="rows per batch; 1 turns batching off")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch to fill")
+    p.add_argument("--max-pending", type=int, default=64, help="queued + running requests; more get 503")
+    p.add_argument("--max-body-mb", type=int, default=20)
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=256, help="the most new tokens a request may ask for")
+    p.add_argument("--image-root", default=None, help="allow local image paths, only under this folder")
+    p.add_argument("--template", default=None, help=f'BLIP-2 chat prompt template, default "{VQA_TEMPLATE}"')
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--engine", choices=["continuous", "batch"], default="continuous",
+                   help="continuous: step-level batching (requests join and leave every decode step); "
+                        "batch: batch-at-once (a batch runs to its end)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="continuous: prompt tokens prefilled per step")
+    p.add_argument("--visual-cache-mb", type=float, default=256.0,
+                   help="continuous: LRU of visual prompts per image (repeated images skip the encoder); 0: off")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting to start; more get 429")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set BLIP2_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow this origin by CORS (repeatable; default: CORS off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blip2", description="BLIP-2 and InstructBLIP: caption, answer, instruct.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -335,69 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cache-features", cmd_cache_features)
     p.add_argument("config", help="run config (YAML) whose training images are encoded")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys")
-    p = add("eval", cmd_eval)
-    p.add_argument("--task", default=None, choices=["caption", "vqa", "retrieval", "choice"],
-                   help="a generic task on custom data")
-    p.add_argument("--benchmark", default=None, choices=list(protocols.PROTOCOLS),
-                   help="a paper benchmark under its protocol (--list shows them; --data takes its official files "
-                        "in the order listed there)")
-    p.add_argument("--list", action="store_true", help="print the benchmark protocols and exit")
-    p.add_argument("--data", default=None, nargs="+", type=Path,
-                   help="annotation file; for VQAv2 the questions file and the annotations file")
-    p.add_argument("--images", type=Path, default=None, help="image root (default: the annotation file's folder)")
-    p.add_argument("--output", type=Path, default=None, help="result folder (default runs/eval/TASK)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N entries")
-    p.add_argument("--prompt", default=None, help='caption: text the caption continues, e.g. "a photo of"')
-    p.add_argument("--template", default=None, help='vqa / choice: question template (default '
-                                                      f'"{VQA_TEMPLATE}")')
-    p.add_argument("--k", type=int, default=128, help="retrieval: candidates per row re-ranked with ITM")
-    p.add_argument("--fold-size", type=int, default=None,
-                   help="retrieval benchmarks: images per fold of the fold-averaged breakdown (default: the "
-                        "protocol's, coco-retrieval 1000 = COCO 1k; 0: none, half the work)")
-    p.add_argument("--reduce", choices=["mean", "sum"], default="sum",
-                   help="choice: rank by the sum (the original's) or the mean of the choice's token log-probabilities")
-    p.add_argument("--keep-questions", action="store_true",
-                   help="vqa: ask the questions as written (default: cleaned as the original's eval and our VQA "
-                        "training data: lower case, . ! \" ( ) * # : ; ~ removed)")
-    p.add_argument("--normalize-answers", action="store_true",
-                   help="vqa: normalise ground-truth answers fully (raw answers), not only as the official tool does")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--seed", type=int, default=None)
-    _add_model(p, required=False)  # not for --list
-    g = p.add_argument_group("generation (caption / vqa; defaults per task: LAVIS lavis/projects/blip2/eval/*.yaml; "
-                             "per benchmark: its protocol)")
-    for flag, kind in (("--num-beams", int), ("--max-new-tokens", int), ("--min-new-tokens", int),
-                       ("--length-penalty", float), ("--repetition-penalty", float)):
-        g.add_argument(flag, type=kind, default=None)
-    g.add_argument("--repetition-context", choices=["generated", "prompt+generated"], default=None,
-                   help="tokens the repetition penalty sees: the original's (generated) or transformers' (with prompt)")
-    p = add("serve", cmd_serve)
-    p.add_argument("--model", required=True, help=MODEL_HELP + " (with tokenizer files)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default=None, help="model id reported by the API (default: the directory name)")
-    add_load_options(p)
-    p.add_argument("--max-batch-size", type=int, default=8, help="rows per batch; 1 turns batching off")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for a batch to fill")
-    p.add_argument("--max-pending", type=int, default=64, help="queued + running requests; more get 503")
-    p.add_argument("--max-body-mb", type=int, default=20)
-    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-    p.add_argument("--max-prompt-tokens", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=256, help="the most new tokens a request may ask for")
-    p.add_argument("--image-root", default=None, help="allow local image paths, only under this folder")
-    p.add_argument("--template", default=None, help=f'BLIP-2 chat prompt template, default "{VQA_TEMPLATE}"')
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--engine", choices=["continuous", "batch"], default="continuous",
-                   help="continuous: step-level batching (requests join and leave every decode step); "
-                        "batch: batch-at-once (a batch runs to its end)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="continuous: prompt tokens prefilled per step")
-    p.add_argument("--visual-cache-mb", type=float, default=256.0,
-                   help="continuous: LRU of visual prompts per image (repeated images skip the encoder); 0: off")
-    p.add_argument("--max-queue", type=int, default=None, help="requests waiting to start; more get 429")
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set BLIP2_API_KEY)")
-    p.add_argument("--cors-origin", action="append", default=[],
-                   help="allow this origin by CORS (repeatable; default: CORS off)")
+    _eval_arguments(add("eval", cmd_eval))
+    _serve_arguments(add("serve", cmd_serve))
     p = add("quickstart", cmd_quickstart)
     p.add_argument("--smoke", action="store_true", help="the same pipeline at toy size (a few minutes)")
     p.add_argument("--output", default=None, help="run directory (default runs/quickstart, or runs/quickstart-smoke; "
