@@ -275,6 +275,13 @@ def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _add_labelling(p: argparse.ArgumentParser, questions: bool) -> None:
+    """caption / ask / instruct: the model, the generation settings and the bulk-labelling options."""
+    _add_model(p)
+    _add_generation(p)
+    _add_bulk(p, questions=questions)
+
+
 def _add_bulk(p: argparse.ArgumentParser, questions: bool) -> None:
     g = p.add_argument_group("datasets (--input: label every image; see README, Label a dataset)")
     g.add_argument("--input", default=None,
@@ -379,22 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("caption", cmd_caption)
     p.add_argument("images", nargs="*", type=Path)
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
-    _add_model(p)
-    _add_generation(p)
-    _add_bulk(p, questions=False)
+    _add_labelling(p, questions=False)
     p = add("ask", cmd_ask)
     p.add_argument("image", type=Path, nargs="?")
     p.add_argument("question", nargs="?")
     p.add_argument("--template", default=None, help='prompt template with {} for the question')
-    _add_model(p)
-    _add_generation(p)
-    _add_bulk(p, questions=True)
+    _add_labelling(p, questions=True)
     p = add("instruct", cmd_instruct)
     p.add_argument("image", type=Path, nargs="?")
     p.add_argument("text", nargs="?")
-    _add_model(p)
-    _add_generation(p)
-    _add_bulk(p, questions=True)
+    _add_labelling(p, questions=True)
     p = add("info", cmd_info)
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true")

@@ -378,8 +378,8 @@ def _retrieval(model, items, opts):
     txt2img = [i for i, it in enumerate(ok) for _ in it["captions"]]
     img2txt = [[j for j, i2 in enumerate(txt2img) if i2 == i] for i in range(len(ok))]
     tok = proc.qformer_tokenizer if proc.qformer_tokenizer is not None else proc.tokenizer
-    # LAVIS keeps the start of long captions and pads on the right: [CLS] first, positions from 0 (a retrieval
-    # checkpoint's only tokenizer is the BERT one, which the processor pads on the left for generation)
+    # LAVIS keeps the start of long captions and pads on the right: [CLS] first, positions from 0, whatever the
+    # caller's tokenizer is set to (the processor truncates on the left, for prompts)
     sides = tok.truncation_side, tok.padding_side
     tok.truncation_side = tok.padding_side = "right"
     try:

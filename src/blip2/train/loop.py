@@ -2,9 +2,10 @@
 
 Stage 0 (the image encoder), stage 1 (ITC + ITM + ITG), stage 2 (LM loss through the frozen LLM) and
 instruction tuning share it: each stage is a small objective returning named losses (`objectives.py`), which the
-loop asks what to keep in reduced precision, what FSDP may shard and what to export. One plain process, or `torchrun` with DDP (gloo on CPU, NCCL on
-GPU). Per-step warmup + cosine, gradient accumulation, clipping, bf16/fp16 autocast on GPU with fp32 master
-weights, atomic checkpoints with exact resume, NaN/inf steps skipped and counted.
+loop asks what FSDP may shard and what to export; the weights' dtypes under autocast follow the precision policy
+(`runtime.place_for_training`). One plain process, or `torchrun` with DDP (gloo on CPU, NCCL on GPU). Per-step
+warmup + cosine, gradient accumulation, clipping, bf16/fp16 autocast on GPU with fp32 master weights, atomic
+checkpoints with exact resume, NaN/inf steps skipped and counted.
 """
 
 from __future__ import annotations
